@@ -1,0 +1,46 @@
+"""Architecture of a Llama-style decoder, independent of where its weights come from."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class LlamaArch:
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    ffn_hidden_size: int
+    vocab_size: int
+    max_position_embeddings: int = 2048
+    rotary_base: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def check_parallel(self, tp: int, pp: int) -> None:
+        """Fail early, naming the config key, when the layout cannot shard this model."""
+        problems = []
+        if self.num_attention_heads % tp:
+            problems.append(f"num_attention_heads={self.num_attention_heads}")
+        if self.num_query_groups % tp:
+            problems.append(f"num_query_groups={self.num_query_groups}")
+        if self.ffn_hidden_size % tp:
+            problems.append(f"ffn_hidden_size={self.ffn_hidden_size}")
+        if problems:
+            raise ValueError(
+                f"parallel.tp={tp} does not divide {', '.join(problems)}; pick a parallel.tp that does."
+            )
+        if self.num_layers % pp:
+            raise ValueError(
+                f"parallel.pp={pp} does not divide num_layers={self.num_layers}; pick a parallel.pp that does."
+            )
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
+    """Megatron pads the vocabulary so every TP rank holds an equal, aligned slice."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
