@@ -34,6 +34,7 @@ def transformer_config(arch: LlamaArch, tp: int, pp: int, dtype: torch.dtype = t
         sequence_parallel=False,
         use_cpu_initialization=not torch.cuda.is_available(),
         params_dtype=dtype,
+        pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         init_method_std=0.02,

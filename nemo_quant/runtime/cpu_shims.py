@@ -15,6 +15,12 @@ import torch
 
 _APPLIED = False
 
+# Megatron modules that allocate with a literal device="cuda".
+_MODULES_ALLOCATING_ON_CUDA = (
+    "megatron.core.pipeline_parallel.schedules",  # token counters
+    "megatron.core.transformer.utils",  # default causal mask
+)
+
 
 def _cpu_current_device() -> str:
     # Callers use the value only as `device=...`; "cpu" is a valid device there.
@@ -44,7 +50,7 @@ def _torch_namespace_without_cuda_tensors() -> types.SimpleNamespace:
     """A `torch` look-alike whose factories map device="cuda" to the CPU.
 
     Installed only as the `torch` global of the Megatron modules that allocate with a
-    literal "cuda" device (pipeline schedules), so no other code is affected.
+    literal "cuda" device, so no other code is affected.
     """
     ns = types.SimpleNamespace()
     for name in dir(torch):
@@ -53,6 +59,21 @@ def _torch_namespace_without_cuda_tensors() -> types.SimpleNamespace:
     for factory in ("zeros", "ones", "empty", "tensor", "full", "arange"):
         setattr(ns, factory, _device_mapping(getattr(torch, factory)))
     return ns
+
+
+def _tensor_cuda_is_identity(fn):
+    """Run `fn` with `Tensor.cuda()` returning the tensor itself, for this call only."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        original = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda self, *a, **k: self
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = original
+
+    return wrapper
 
 
 def apply_cpu_shims() -> bool:
@@ -65,9 +86,19 @@ def apply_cpu_shims() -> bool:
     torch.cuda.current_device = _cpu_current_device
     torch.cuda.synchronize = lambda *args, **kwargs: None
 
-    from megatron.core.pipeline_parallel import schedules
+    import importlib
 
-    schedules.torch = _torch_namespace_without_cuda_tensors()
+    cpu_torch = _torch_namespace_without_cuda_tensors()
+    for module_name in _MODULES_ALLOCATING_ON_CUDA:
+        importlib.import_module(module_name).torch = cpu_torch
+
+    # Tied embeddings under PP: the last stage's copy is moved with `.cuda()` before the
+    # first/last-stage all-reduce.
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    LanguageModule.setup_embeddings_and_output_layer = _tensor_cuda_is_identity(
+        LanguageModule.setup_embeddings_and_output_layer
+    )
     _APPLIED = True
     return True
 

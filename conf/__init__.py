@@ -1,0 +1,1 @@
+"""Hydra config tree of nemo_quant, importable as `nemo_quant.conf` once installed."""

