@@ -6,5 +6,6 @@ __version__ = "0.1.0"
 # megatron-core warns at import time that apex / Transformer Engine are absent; on CPU that is
 # the expected configuration, and nemo_quant reports its own backend choices.
 for _pattern in (".*Transformer Engine and Apex are not installed.*", ".*Apex is not installed.*",
-                 ".*full scope is deprecated.*"):
+                 ".*full scope is deprecated.*", ".*CUDA_DEVICE_MAX_CONNECTIONS.*",
+                 ".*all_gather_into_tensor` is deprecated.*"):
     _warnings.filterwarnings("ignore", message=_pattern)

@@ -82,3 +82,9 @@ def calibration_text() -> str:
 
 def evaluation_text() -> str:
     return novels()["persuasion"]
+
+
+if __name__ == "__main__":
+    # `python -m nemo_quant.data.austen`: fetch and cache the corpus (used by `make setup`).
+    sizes = {name: len(text) for name, text in novels().items()}
+    print(f"Austen corpus cached in {cache_dir()}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))

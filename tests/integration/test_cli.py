@@ -1,0 +1,62 @@
+"""`nemo-quant eval` as a user runs it: plain python and torchrun, on a tiny GGUF and own text."""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from nemo_quant.runtime.distributed_init import free_port
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def text_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text")
+    (root / "eval.txt").write_text("Call me Ishmael. Some years ago, never mind how long precisely. " * 20)
+    (root / "calib.jsonl").write_text("\n".join(json.dumps({"text": f"line {i} of calibration text"}) for i in range(40)))
+    return root
+
+
+def _eval_args(tiny_dir, text_files, run_dir):
+    return ["eval", f"model.path={tiny_dir / 'tiny.gguf'}", "model.name=tiny", "data=files",
+            f"data.eval_files=[{text_files / 'eval.txt'}]", "data.seq_length=32", "data.eval_samples=4",
+            f"hydra.run.dir={run_dir}"]
+
+
+def _run(cmd, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, **kw)
+
+
+def _perplexity(stdout):
+    return float(re.search(r"^perplexity\s+([\d.]+)", stdout, re.M).group(1))
+
+
+def test_eval_single_process_and_torchrun_agree(tiny_dir, text_files, tmp_path):
+    single = _run([sys.executable, "-m", "nemo_quant.cli.main", *_eval_args(tiny_dir, text_files, tmp_path / "a")])
+    assert single.returncode == 0, single.stderr[-3000:]
+    ppl = _perplexity(single.stdout)
+    saved = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert saved["perplexity"] == pytest.approx(ppl, abs=1e-4) and saved["predictions"] == 4 * 31
+    assert math.isfinite(ppl) and ppl > 1.0
+
+    tp2 = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+                "-m", "nemo_quant.cli.main", *_eval_args(tiny_dir, text_files, tmp_path / "b"), "parallel.tp=2"])
+    assert tp2.returncode == 0, tp2.stderr[-3000:]
+    assert _perplexity(tp2.stdout) == pytest.approx(ppl, rel=1e-5)
+    assert tp2.stdout.count("perplexity") == 1  # only rank 0 reports
+
+
+def test_bad_override_fails_before_work(tmp_path):
+    result = _run([sys.executable, "-m", "nemo_quant.cli.main", "eval", "data.seq_lenght=3", f"hydra.run.dir={tmp_path}"])
+    assert result.returncode != 0
+    assert "seq_lenght" in result.stderr
+
+
+def test_unknown_command_is_rejected():
+    result = _run([sys.executable, "-m", "nemo_quant.cli.main", "quantise"])
+    assert result.returncode != 0 and "unknown command 'quantise'" in result.stderr

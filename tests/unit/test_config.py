@@ -1,0 +1,60 @@
+"""Bad configs fail at config time with the key's path, before any model is loaded."""
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from nemo_quant.config.schema import register_configs
+from nemo_quant.config.validate import ConfigError, validate
+
+register_configs()
+
+
+def _compose(*overrides):
+    with initialize_config_module(config_module="nemo_quant.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_default_config_is_valid():
+    cfg = _compose()
+    validate(cfg)
+    assert cfg.model.path is None and cfg.data.seq_length == 512 and cfg.parallel.tp == 1
+
+
+def test_group_options_compose():
+    cfg = _compose("parallel=tp3", "data=files", "data.eval_files=[a.txt]")
+    assert cfg.parallel.tp == 3 and cfg.data.name == "files"
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("data.seq_lenght=128", "seq_lenght"),
+    ("parallel.tensor_parallel=2", "tensor_parallel"),
+])
+def test_unknown_key_names_the_path(override, fragment):
+    with pytest.raises(ConfigCompositionException) as info:
+        _compose(override)
+    assert fragment in str(info.value) + str(info.value.__cause__)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("data.seq_length=long", "data.seq_length"),
+    ("model.dtype=float8", "model.dtype"),
+    ("data.name=wikipedia", "data.name"),
+])
+def test_bad_value_names_the_path(override, key):
+    with pytest.raises(ConfigCompositionException) as info:
+        _compose(override)
+    cause = info.value.__cause__
+    assert isinstance(cause, (ValidationError, ConfigKeyError))
+    assert key in f"{cause.full_key}"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("parallel.tp=0", "parallel.tp=0"),
+    ("data.seq_length=1", "data.seq_length=1"),
+    ("model.path=/nonexistent/model.gguf", "model.path=/nonexistent"),
+    ("data=files", "data.eval_files"),
+])
+def test_semantic_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        validate(_compose(override))
