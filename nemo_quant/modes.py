@@ -1,0 +1,91 @@
+"""Modes: named, configured, in-place model transformations with a replayable state.
+
+Each applied mode is recorded on the model as {"name", "config"} (plain JSON). That ordered
+state is saved next to the weights (Megatron dist checkpoint, plain torch, Lightning) and
+replayed by `restore_modes` on a freshly built model *before* its weights load, so the
+quantizer buffers exist when the checkpoint fills them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from omegaconf import OmegaConf
+from torch import nn
+
+STATE_ATTR = "_nemo_quant_modes"
+
+
+class ModeError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    config_class: type
+    apply: Callable[[nn.Module, Any], Any]  # mutates the model in place
+    may_follow: frozenset[str] = frozenset()  # modes allowed to precede this one
+    validate: Callable[[Any], None] = lambda cfg: None
+
+
+_MODES: dict[str, Mode] = {}
+
+
+def register_mode(mode: Mode) -> Mode:
+    _MODES[mode.name] = mode
+    return mode
+
+
+def _ensure_builtin_modes() -> None:
+    import nemo_quant.quantization.mode  # noqa: F401  (registers "quantize")
+
+
+def get_mode(name: str) -> Mode:
+    _ensure_builtin_modes()
+    if name not in _MODES:
+        raise ModeError(f"unknown mode {name!r}; registered modes: {', '.join(sorted(_MODES))}")
+    return _MODES[name]
+
+
+def mode_state(model: nn.Module) -> list[dict]:
+    return list(getattr(model, STATE_ATTR, []))
+
+
+def _to_config(mode: Mode, cfg: Any):
+    """Accept a dataclass, a DictConfig or a plain dict; return the typed dataclass."""
+    merged = OmegaConf.merge(OmegaConf.structured(mode.config_class), cfg)
+    return OmegaConf.to_object(merged)
+
+
+def apply_mode(model: nn.Module, name: str, cfg: Any) -> Any:
+    mode = get_mode(name)
+    applied = [entry["name"] for entry in mode_state(model)]
+    for earlier in applied:
+        if earlier not in mode.may_follow:
+            raise ModeError(
+                f"mode {name!r} cannot be applied after {earlier!r} (allowed before it: "
+                f"{', '.join(sorted(mode.may_follow)) or 'nothing'}); change the order of the modes."
+            )
+    typed = _to_config(mode, cfg)
+    mode.validate(typed)
+    result = mode.apply(model, typed)
+    plain = OmegaConf.to_container(OmegaConf.structured(typed), enum_to_str=True)
+    setattr(model, STATE_ATTR, [*mode_state(model), {"name": name, "config": plain}])
+    return result
+
+
+def apply_modes(model: nn.Module, modes: list[tuple[str, Any]]) -> nn.Module:
+    """Apply `[(mode_name, config), ...]` in order, in place; returns the same model."""
+    for name, cfg in modes:
+        apply_mode(model, name, cfg)
+    return model
+
+
+def restore_modes(model: nn.Module, state: list[dict]) -> nn.Module:
+    """Replay a saved mode state on a model that has none yet (before loading weights)."""
+    if mode_state(model):
+        raise ModeError("restore_modes needs a model without modes; build a fresh model first.")
+    for entry in state:
+        apply_mode(model, entry["name"], entry["config"])
+    return model

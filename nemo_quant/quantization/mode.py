@@ -1,0 +1,44 @@
+"""The `quantize` mode: module conversion with pattern checks and a report."""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from nemo_quant.config.validate import ConfigError
+from nemo_quant.modes import Mode, register_mode
+from nemo_quant.quantization.config import QuantConfig
+from nemo_quant.quantization.modules import ConversionReport, convert_model
+from nemo_quant.quantization.validate import validate_quant_config
+from nemo_quant.runtime.distributed_init import is_main_rank
+
+log = logging.getLogger(__name__)
+
+
+def _apply(model: nn.Module, cfg: QuantConfig) -> ConversionReport:
+    report = convert_model(model, cfg)
+    hits = torch.tensor(report.pattern_hits or [0], dtype=torch.int64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(hits)  # under PP a pattern may match modules of another stage only
+    for i, pattern in enumerate(cfg.exclude):
+        if hits[i] == 0:
+            raise ConfigError(
+                f"quant.exclude[{i}]={pattern!r} matches no quantizable module; module names look "
+                "like 'decoder.layers.0.self_attention.linear_qkv' or 'output_layer' (fnmatch syntax)."
+            )
+    if sum(report.converted.values()) == 0 and is_main_rank():
+        log.warning("quantize: no module was converted (%s)", report.summary())
+    if is_main_rank():
+        print(f"[nemo_quant] {cfg.name}: {report.summary()}", flush=True)
+    return report
+
+
+QUANTIZE = register_mode(Mode(
+    name="quantize",
+    config_class=QuantConfig,
+    apply=_apply,
+    may_follow=frozenset({"prune", "sparsity"}),
+    validate=validate_quant_config,
+))

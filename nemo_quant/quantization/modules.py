@@ -1,0 +1,172 @@
+"""In-place conversion of Megatron modules to their quantized counterparts.
+
+A registry maps Megatron module types to mixins. Conversion swaps the instance's class for a
+subclass `Quant<Type>(mixin, Type)` and attaches TensorQuantizers, so parameters, hooks and
+Megatron's own forward stay untouched:
+- ColumnParallelLinear / RowParallelLinear: input and weight quantized inside
+  `_forward_impl`, i.e. on exactly the (local) tensors the GEMM consumes.
+- DotProductAttention (core attention): K and V quantized after RoPE, as a KV cache holds them.
+Modules of unregistered types are left alone and reported.
+"""
+from __future__ import annotations
+
+import fnmatch
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from nemo_quant.quantization.config import QuantConfig
+from nemo_quant.quantization.tensor_quantizer import TensorQuantizer
+
+
+class QuantLinearMixin:
+    """Column-/row-parallel linear with input and weight quantizers."""
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if self.input_quantizer is not None:
+            input = self.input_quantizer(input)
+        if self.weight_quantizer is not None:
+            weight = self.weight_quantizer(weight)
+        return super()._forward_impl(input, weight, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        # Megatron's linear layers print without children; show the quantizers explicitly.
+        lines = [super().__repr__()[:-1]]
+        for role in ("input_quantizer", "weight_quantizer"):
+            q = getattr(self, role)
+            lines.append(f"  ({role}): " + (f"TensorQuantizer({q.extra_repr()})" if q is not None else "None"))
+        return "\n".join(lines) + "\n)"
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        axis_map = {"weight": self._nq_weight_tp_axis}
+        if self._nq_weight_tp_axis == 0:
+            axis_map["bias"] = 0
+        for role in ("input_quantizer", "weight_quantizer"):
+            q = getattr(self, role)
+            if q is not None and q.amax_tp_axis is not None:
+                axis_map[f"{role}._amax"] = q.amax_tp_axis
+        return make_sharded_tensors_for_checkpoint(
+            self.state_dict(prefix="", keep_vars=True), prefix, axis_map, sharded_offsets,
+            tp_group=self.tp_group, dp_cp_group=(metadata or {}).get("dp_cp_group"),
+        )
+
+
+class QuantAttentionMixin:
+    """Core attention with K/V cache quantizers."""
+
+    def forward(self, query, key, value, *args, **kwargs):
+        return super().forward(query, self.k_quantizer(key), self.v_quantizer(value), *args, **kwargs)
+
+
+@dataclass
+class RegistryEntry:
+    mixin: type
+    kind: str  # "linear" or "attention"
+    weight_tp_axis: int | None = None  # 0: column parallel (rows split), 1: row parallel
+
+
+def _build_registry() -> dict[type, RegistryEntry]:
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    # Transformer Engine modules (TELinear, TELayerNormColumnParallelLinear,
+    # TEDotProductAttention) compute their GEMMs inside TE; they are not registered yet and
+    # are therefore reported as unconverted rather than half-converted.
+    return {
+        ColumnParallelLinear: RegistryEntry(QuantLinearMixin, "linear", 0),
+        RowParallelLinear: RegistryEntry(QuantLinearMixin, "linear", 1),
+        DotProductAttention: RegistryEntry(QuantAttentionMixin, "attention"),
+    }
+
+
+_QUANT_CLASSES: dict[type, type] = {}
+
+
+def _quant_class(base: type, mixin: type) -> type:
+    if base not in _QUANT_CLASSES:
+        _QUANT_CLASSES[base] = type(f"Quant{base.__name__}", (mixin, base), {"_nq_base": base})
+    return _QUANT_CLASSES[base]
+
+
+@dataclass
+class ConversionReport:
+    converted: Counter = field(default_factory=Counter)
+    excluded: list[str] = field(default_factory=list)
+    unregistered: Counter = field(default_factory=Counter)
+    pattern_hits: list[int] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [f"quantized {sum(self.converted.values())} modules ("
+                 + ", ".join(f"{k} x{v}" for k, v in sorted(self.converted.items())) + ")"]
+        if self.excluded:
+            parts.append(f"excluded by quant.exclude: {len(self.excluded)} ({', '.join(self.excluded[:4])}{', ...' if len(self.excluded) > 4 else ''})")
+        if self.unregistered:
+            parts.append("left in high precision (no quantized counterpart registered): "
+                         + ", ".join(f"{k} x{v}" for k, v in sorted(self.unregistered.items())))
+        return "; ".join(parts)
+
+
+def _is_weight_bearing(module: nn.Module) -> bool:
+    w = getattr(module, "weight", None)
+    return isinstance(w, torch.Tensor) and w.ndim == 2
+
+
+def quantizers(model: nn.Module) -> list[tuple[str, TensorQuantizer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, TensorQuantizer)]
+
+
+def convert_model(model: nn.Module, cfg: QuantConfig) -> ConversionReport:
+    """Attach quantizers to every registered module not matched by `cfg.exclude`."""
+    registry = _build_registry()
+    report = ConversionReport(pattern_hits=[0] * len(cfg.exclude))
+    for name, module in list(model.named_modules()):
+        entry = next((e for t, e in registry.items() if type(module) is t), None)
+        if entry is None:
+            if type(module).__name__.startswith("Quant") or isinstance(module, TensorQuantizer):
+                continue
+            if _is_weight_bearing(module) and "Embedding" not in type(module).__name__:
+                report.unregistered[type(module).__name__] += 1
+            continue
+        hits = [i for i, p in enumerate(cfg.exclude) if fnmatch.fnmatchcase(name, p)]
+        for i in hits:
+            report.pattern_hits[i] += 1
+        if hits:
+            report.excluded.append(name)
+            continue
+        if entry.kind == "linear" and (cfg.weight is not None or cfg.input is not None):
+            _convert_linear(module, entry, cfg)
+        elif entry.kind == "attention" and cfg.kv_cache is not None:
+            _convert_attention(module, entry, cfg)
+        else:
+            continue
+        report.converted[type(module)._nq_base.__name__] += 1
+    return report
+
+
+def _convert_linear(module: nn.Module, entry: RegistryEntry, cfg: QuantConfig) -> None:
+    base = type(module)
+    shape = tuple(module.weight.shape)
+    module.weight_quantizer = TensorQuantizer(cfg.weight, "weight", shape) if cfg.weight is not None else None
+    module.input_quantizer = TensorQuantizer(cfg.input, "input") if cfg.input is not None else None
+    module._nq_weight_tp_axis = entry.weight_tp_axis
+    wq = module.weight_quantizer
+    if wq is not None and wq.amax.ndim == 2:
+        # Column parallel: every per-row / per-block amax belongs to the rank's own rows.
+        # Row parallel: per-channel amax is reduced over TP (identical, replicated); block
+        # amax follows the split input dim.
+        column = entry.weight_tp_axis == 0
+        per_channel = wq.amax.shape[1] == 1
+        wq.amax_tp_axis = 0 if column else (None if per_channel else 1)
+        wq.reduce_over_tp = (not column) and per_channel
+    module.__class__ = _quant_class(base, entry.mixin)
+
+
+def _convert_attention(module: nn.Module, entry: RegistryEntry, cfg: QuantConfig) -> None:
+    base = type(module)
+    module.k_quantizer = TensorQuantizer(cfg.kv_cache, "kv_cache")
+    module.v_quantizer = TensorQuantizer(cfg.kv_cache, "kv_cache")
+    module.__class__ = _quant_class(base, entry.mixin)
