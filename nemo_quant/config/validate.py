@@ -31,5 +31,35 @@ def validate(cfg: DictConfig) -> None:
             for path in cfg.data[key]:
                 if not Path(path).expanduser().is_file():
                     raise ConfigError(f"data.{key}: {path} does not exist.")
-        if not cfg.data.eval_files and cfg.command == "eval":
-            raise ConfigError("data.name=files needs data.eval_files=[...] for `nemo-quant eval`.")
+        if not cfg.data.eval_files and cfg.command in ("eval", "ptq"):
+            raise ConfigError(f"data.name=files needs data.eval_files=[...] for `nemo-quant {cfg.command.value}`.")
+        if not cfg.data.calib_files and cfg.command in ("ptq", "train"):
+            raise ConfigError(f"data.name=files needs data.calib_files=[...] for `nemo-quant {cfg.command.value}`.")
+    _validate_command(cfg)
+
+
+def _validate_command(cfg: DictConfig) -> None:
+    from omegaconf import OmegaConf
+
+    from nemo_quant.quantization.validate import validate_quant_config
+
+    if cfg.checkpoint.load is not None and not (Path(cfg.checkpoint.load).expanduser() / "model").is_dir():
+        raise ConfigError(f"checkpoint.load={cfg.checkpoint.load} is not a nemo_quant checkpoint directory.")
+    if cfg.command == "ptq":
+        if cfg.quant is None:
+            raise ConfigError("`nemo-quant ptq` needs a quantization preset: add quant=<preset> "
+                              "(fp8, int8_sq, int4_awq, w4a8_awq, nvfp4, nvfp4_awq, mxfp8, int8_weight_only, int4_weight_only).")
+        if cfg.checkpoint.save is not None and Path(cfg.checkpoint.save).expanduser().exists() and not cfg.checkpoint.overwrite:
+            raise ConfigError(f"checkpoint.save={cfg.checkpoint.save} exists; pick a new path or set checkpoint.overwrite=true.")
+    if cfg.quant is not None:
+        validate_quant_config(OmegaConf.to_object(cfg.quant))
+    if cfg.command == "train":
+        if cfg.checkpoint.save is None:
+            raise ConfigError("`nemo-quant train` needs checkpoint.save=<dir> for its periodic checkpoints.")
+        for key in ("steps", "micro_batch_size", "seq_length", "save_every", "log_every"):
+            _positive(cfg, f"train.{key}")
+        if cfg.train.lr <= 0:
+            raise ConfigError(f"train.lr={cfg.train.lr}: must be positive.")
+        if cfg.parallel.pp > 1:
+            raise ConfigError("parallel.pp>1: `nemo-quant train` supports tensor and data parallelism; "
+                              "pipeline-parallel training is not implemented yet, use parallel.pp=1.")

@@ -29,3 +29,11 @@ def calibration_windows(data: DictConfig, tokenizer: Tokenizer) -> torch.Tensor:
 
 def evaluation_windows(data: DictConfig, tokenizer: Tokenizer) -> torch.Tensor:
     return _windows(data, tokenizer, "evaluation", data.eval_samples)
+
+
+def training_windows(data: DictConfig, train: DictConfig, tokenizer: Tokenizer) -> torch.Tensor:
+    """Windows of train.seq_length + 1 tokens (inputs and shifted labels) from the calibration text."""
+    ids = tokenizer.encode(_text(data, "calibration"), add_special_tokens=False).ids
+    available = len(ids) // (train.seq_length + 1)
+    count = min(available, train.max_train_windows) if train.max_train_windows else available
+    return token_windows(ids, max(count, 1), train.seq_length + 1, what="training")

@@ -57,10 +57,13 @@ class LoadedModel:
         return self.source.arch.vocab_size
 
 
-def load_model(path: str | None, dtype: str = "float32", tokenizer: str | None = None) -> LoadedModel:
-    """Build this rank's shard and import weights; Megatron parallel state must be initialised."""
+def load_model(path: str | None, dtype: str = "float32", tokenizer: str | None = None, with_weights: bool = True) -> LoadedModel:
+    """Build this rank's shard and import weights; Megatron parallel state must be initialised.
+
+    `with_weights=False` builds the shard only (a checkpoint will fill it)."""
     model_path = resolve_model_path(path)
     source = open_source(model_path)
     model = build_gpt_model(source.arch, DTYPES[dtype])
-    import_weights(model, source)
+    if with_weights:
+        import_weights(model, source)
     return LoadedModel(model, source, load_tokenizer(model_path, tokenizer))

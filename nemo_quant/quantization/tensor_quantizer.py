@@ -55,7 +55,7 @@ class TensorQuantizer(nn.Module):
     def _quant_error(self, x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
         err = (fake_quant(x, self.spec, amax) - x).pow(2)
         if len(self._amax.shape) == 0:
-            return err.sum() if amax.ndim == 0 else err
+            return err  # per-tensor: elementwise, weighted by histogram counts by the caller
         if self._amax.shape[1] == 1:
             return err.sum(dim=1, keepdim=True)
         return to_blocks(err, self.spec.effective_block_size()).sum(dim=-1)

@@ -43,19 +43,21 @@ def free_port() -> int:
 
 
 def init_process_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-    """Join (or create) the default process group; a lone process gets a world of one."""
+    """Join (or create) the default process group; a lone process gets a world of one.
+
+    A lone process does not export RANK/WORLD_SIZE, so subprocesses it starts (torchrun,
+    tests) are not mistaken for its ranks."""
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        os.environ["RANK"] = "0"
-        os.environ["WORLD_SIZE"] = "1"
-        os.environ["LOCAL_RANK"] = "0"
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    if "RANK" in os.environ:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",
+                                rank=0, world_size=1, timeout=timeout)
 
 
 def init_megatron(layout: ParallelLayout, seed: int = 1234, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:

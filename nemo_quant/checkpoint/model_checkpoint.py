@@ -1,0 +1,73 @@
+"""Megatron distributed checkpoints of a (mode-converted) model, with the mode state beside them.
+
+Layout of a checkpoint directory:
+  model/                Megatron dist checkpoint (torch_dist), reshardable across TP/PP
+  nemo_quant_modes.json ordered mode state, replayed before the weights load
+  arch.json             the Llama architecture, so `load` can rebuild the model
+The modes and architecture are JSON, never pickles.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nemo_quant.checkpoint.atomic import barrier, atomic_directory
+from nemo_quant.models.arch import LlamaArch
+from nemo_quant.modes import mode_state, restore_modes
+from nemo_quant.runtime.distributed_init import is_main_rank
+
+MODES_FILE = "nemo_quant_modes.json"
+ARCH_FILE = "arch.json"
+MODEL_DIR = "model"
+
+
+def save_model(model: nn.Module, arch: LlamaArch, path: str | Path, overwrite: bool = False, extra_writer=None) -> Path:
+    """All ranks call this. `extra_writer(staging_dir)` may add files (e.g. optimizer state)."""
+    from megatron.core import dist_checkpointing
+
+    with atomic_directory(path, overwrite) as staging:
+        if is_main_rank():
+            (staging / MODEL_DIR).mkdir()
+        barrier()
+        dist_checkpointing.save(model.sharded_state_dict(), str(staging / MODEL_DIR))
+        if is_main_rank():
+            (staging / MODES_FILE).write_text(json.dumps(mode_state(model), indent=2))
+            (staging / ARCH_FILE).write_text(json.dumps(dataclasses.asdict(arch), indent=2))
+        if extra_writer is not None:
+            extra_writer(staging)
+    return Path(path)
+
+
+def read_arch(path: str | Path) -> LlamaArch:
+    return LlamaArch(**json.loads((Path(path) / ARCH_FILE).read_text()))
+
+
+def read_modes(path: str | Path) -> list[dict]:
+    return json.loads((Path(path) / MODES_FILE).read_text())
+
+
+def load_into(model: nn.Module, path: str | Path) -> nn.Module:
+    """Replay the saved modes on a freshly built `model`, then load the weights (any TP/PP)."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    if not (path / MODEL_DIR).is_dir():
+        raise FileNotFoundError(f"{path} is not a nemo_quant checkpoint (no {MODEL_DIR}/ inside).")
+    restore_modes(model, read_modes(path))
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(path / MODEL_DIR))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise RuntimeError(f"{path}: checkpoint does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model
+
+
+def load_model_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Build this rank's shard from arch.json and load the checkpoint into it."""
+    from nemo_quant.models.builder import build_gpt_model
+
+    return load_into(build_gpt_model(read_arch(path), dtype), path)

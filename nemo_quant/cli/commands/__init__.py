@@ -1,0 +1,6 @@
+"""One module per `nemo-quant` command."""
+from nemo_quant.cli.commands.eval import run_eval
+from nemo_quant.cli.commands.ptq import run_ptq
+from nemo_quant.cli.commands.train import run_train
+
+COMMANDS = {"eval": run_eval, "ptq": run_ptq, "train": run_train}

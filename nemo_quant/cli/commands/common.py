@@ -1,0 +1,61 @@
+"""Shared steps of the commands: start-up, model loading, reporting."""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from nemo_quant.models.loading import LoadedModel, load_model
+from nemo_quant.runtime.distributed_init import ParallelLayout, init_megatron, is_main_rank, teardown
+
+
+@contextmanager
+def megatron_session(cfg: DictConfig):
+    init_megatron(ParallelLayout(cfg.parallel.tp, cfg.parallel.pp), cfg.seed, cfg.parallel.timeout_s)
+    try:
+        yield
+    finally:
+        teardown()
+
+
+def load_for_command(cfg: DictConfig) -> LoadedModel:
+    """The configured model; from a nemo_quant checkpoint (modes replayed) when checkpoint.load is set."""
+    loaded = load_model(cfg.model.path, cfg.model.dtype.value, cfg.model.tokenizer, with_weights=cfg.checkpoint.load is None)
+    if cfg.checkpoint.load is not None:
+        from nemo_quant.checkpoint.model_checkpoint import load_into
+
+        load_into(loaded.model, cfg.checkpoint.load)
+    return loaded
+
+
+def quant_config(cfg: DictConfig):
+    return OmegaConf.to_object(cfg.quant)
+
+
+def print_table(rows: list[dict[str, object]]) -> None:
+    if not is_main_rank() or not rows:
+        return
+    headers = list(rows[0])
+    widths = [max(len(str(h)), *(len(str(r[h])) for r in rows)) for h in headers]
+    print("| " + " | ".join(str(h).ljust(w) for h, w in zip(headers, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print("| " + " | ".join(str(r[h]).ljust(w) for h, w in zip(headers, widths)) + " |", flush=True)
+
+
+def report(lines: dict[str, object]) -> None:
+    if is_main_rank():
+        width = max(map(len, lines))
+        for key, value in lines.items():
+            print(f"{key:<{width}}  {value}", flush=True)
+
+
+def write_results(results: dict) -> None:
+    if not is_main_rank():
+        return
+    from hydra.core.hydra_config import HydraConfig
+
+    out = Path(HydraConfig.get().runtime.output_dir) / "results.json"
+    out.write_text(json.dumps(results, indent=2, default=str))

@@ -1,0 +1,46 @@
+"""`nemo-quant ptq`: quantize, calibrate, compare perplexity before/after, optionally save."""
+from __future__ import annotations
+
+import time
+
+import psutil
+from omegaconf import DictConfig
+
+from nemo_quant.cli.commands.common import (
+    load_for_command, megatron_session, print_table, quant_config, write_results,
+)
+
+
+def run_ptq(cfg: DictConfig) -> None:
+    from nemo_quant.data.datasets import calibration_windows, evaluation_windows
+    from nemo_quant.eval.perplexity import perplexity
+    from nemo_quant.modes import apply_modes
+    from nemo_quant.quantization.calibrate import calibrate
+    from nemo_quant.quantization.forward_loop import windows_forward_loop
+
+    qcfg = quant_config(cfg)
+    with megatron_session(cfg):
+        loaded = load_for_command(cfg)
+        calib = calibration_windows(cfg.data, loaded.tokenizer)
+        evals = evaluation_windows(cfg.data, loaded.tokenizer)
+        before = perplexity(loaded.model, evals, loaded.vocab_size, cfg.data.batch_size).perplexity
+
+        start = time.perf_counter()
+        apply_modes(loaded.model, [("quantize", qcfg)])
+        calibrate(loaded.model, windows_forward_loop(calib, cfg.data.batch_size))
+        calib_s = time.perf_counter() - start
+
+        after = perplexity(loaded.model, evals, loaded.vocab_size, cfg.data.batch_size).perplexity
+        rss_gib = psutil.Process().memory_info().rss / 2**30
+        delta = 100.0 * (after - before) / before
+        print_table([
+            {"model": cfg.model.name, "format": "baseline", "perplexity": f"{before:.3f}", "delta %": "", "calib s": ""},
+            {"model": cfg.model.name, "format": qcfg.name, "perplexity": f"{after:.3f}",
+             "delta %": f"{delta:+.2f}", "calib s": f"{calib_s:.1f}"},
+        ])
+        if cfg.checkpoint.save is not None:
+            from nemo_quant.checkpoint.model_checkpoint import save_model
+
+            save_model(loaded.model, loaded.source.arch, cfg.checkpoint.save, cfg.checkpoint.overwrite)
+        write_results({"preset": qcfg.name, "baseline_ppl": before, "quant_ppl": after, "delta_pct": delta,
+                       "calib_s": calib_s, "rss_gib": rss_gib, "checkpoint": cfg.checkpoint.save})

@@ -1,0 +1,123 @@
+"""A Megatron training loop for QAT and fine-tuning (TP x DP), with periodic, resumable checkpoints.
+
+Quantizer scales are buffers, so the optimizer never touches them: QAT trains the weights
+through the straight-through estimator with the calibrated scales frozen.
+Checkpoints go to `<save>/step_<N>/` (model dist checkpoint + modes + optimizer + trainer
+state) and `<save>/latest` names the newest complete one; a crash mid-save leaves the
+previous one intact.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from nemo_quant.checkpoint.model_checkpoint import load_into, save_model
+from nemo_quant.models.arch import LlamaArch
+from nemo_quant.runtime.distributed_init import is_main_rank
+from nemo_quant.runtime.pipeline import position_ids_for
+from nemo_quant.training.optimizer_state import load_optimizer, save_optimizer
+from nemo_quant.utils.progress import progress
+
+TRAINER_STATE = "trainer_state.json"
+LATEST = "latest"
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+def latest_checkpoint(save_dir: str | Path) -> Path | None:
+    pointer = Path(save_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    candidate = Path(save_dir) / pointer.read_text().strip()
+    return candidate if (candidate / TRAINER_STATE).is_file() else None
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def resume(model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint: Path) -> TrainState:
+    """`model` must be freshly built (no modes): the checkpoint's modes are replayed first."""
+    load_into(model, checkpoint)
+    load_optimizer(optimizer, checkpoint, dist.get_rank() if dist.is_initialized() else 0)
+    return TrainState(**json.loads((checkpoint / TRAINER_STATE).read_text()))
+
+
+def _save(model, arch, optimizer, state: TrainState, save_dir: Path) -> None:
+    name = f"step_{state.step}"
+    rank = dist.get_rank() if dist.is_initialized() else 0
+
+    def write_extra(staging: Path) -> None:
+        save_optimizer(optimizer, staging, rank)
+        if is_main_rank():
+            (staging / TRAINER_STATE).write_text(json.dumps(state.__dict__))
+
+    save_model(model, arch, save_dir / name, overwrite=True, extra_writer=write_extra)
+    if is_main_rank():
+        tmp = save_dir / f".{LATEST}.tmp"
+        tmp.write_text(name)
+        tmp.replace(save_dir / LATEST)
+
+
+def _all_reduce_grads_over_dp(model: nn.Module) -> None:
+    from megatron.core import parallel_state as ps
+
+    dp = ps.get_data_parallel_world_size()
+    if dp == 1:
+        return
+    group = ps.get_data_parallel_group()
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=group)
+            p.grad /= dp
+
+
+def train(model: nn.Module, arch: LlamaArch, optimizer: torch.optim.Optimizer, windows: torch.Tensor,
+          state: TrainState, steps: int, micro_batch_size: int, save_dir: Path, save_every: int,
+          log_every: int = 10) -> TrainState:
+    """Train until `state.step == steps`; micro-batches cycle through `windows` (DP-sharded)."""
+    from megatron.core import parallel_state as ps
+
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    per_step = micro_batch_size * dp
+    batches_per_epoch = max(1, windows.shape[0] // per_step)
+    model.train()
+    bar = progress(total=steps, desc="train", unit="step")
+    bar.update(state.step)
+    while state.step < steps:
+        i = state.step % batches_per_epoch
+        batch = windows[i * per_step:(i + 1) * per_step][dp_rank::dp]
+        tokens, labels = batch[:, :-1], batch[:, 1:]
+        optimizer.zero_grad(set_to_none=True)
+        per_token = model(tokens, position_ids_for(tokens), None, labels=labels)
+        loss = per_token.float().mean()
+        loss.backward()
+        _all_reduce_grads_over_dp(model)
+        optimizer.step()
+        reported = loss.detach().clone()
+        if dp > 1:
+            dist.all_reduce(reported, group=ps.get_data_parallel_group())
+            reported /= dp
+        value = float(reported)
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss became {value} at step {state.step + 1}; lower train.lr.")
+        state.step += 1
+        state.losses.append(value)
+        bar.update(1)
+        if state.step % log_every == 0:
+            bar.set_postfix(loss=f"{value:.4f}")
+        if state.step % save_every == 0 or state.step == steps:
+            _save(model, arch, optimizer, state, save_dir)
+    bar.close()
+    return state

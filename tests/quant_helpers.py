@@ -1,0 +1,28 @@
+"""Configs and forward helpers shared by the quantization tests."""
+from __future__ import annotations
+
+import torch
+
+from nemo_quant.runtime.pipeline import forward_batches, gather_vocab_logits
+
+W4A8_KV = {
+    "name": "w4a8_kv", "weight": {"format": "int4", "granularity": "block", "block_size": 16},
+    "input": {"format": "fp8_e4m3"}, "kv_cache": {"format": "fp8_e4m3"},
+}
+INT8_CHANNEL = {"name": "int8_wo", "weight": {"format": "int8", "granularity": "channel"}, "input": {"format": "int8"}}
+
+
+def tokens(seed: int = 0, batch: int = 2, length: int = 16) -> torch.Tensor:
+    return torch.randint(0, 257, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, batch: torch.Tensor, vocab: int = 257):
+    out = forward_batches(model, [batch], lambda o, t: gather_vocab_logits(o, vocab), 1)
+    return out[0] if out else None
+
+
+def loop_over(*batches):
+    def loop(model):
+        for b in batches:
+            forward_batches(model, [b], lambda o, t: None, 1)
+    return loop
