@@ -64,3 +64,62 @@ def world_info() -> tuple[int, int]:
     t = torch.ones(1)
     dist.all_reduce(t)
     return dist.get_rank(), int(t.item())
+
+
+def quantized_logits(model_path: str, tp: int, quant_cfg: dict, calib: torch.Tensor, evals: torch.Tensor, save_dir: str | None = None):
+    """PTQ at TP=tp: returns (last-stage logits, gathered weight amax of one row-parallel layer)."""
+    from nemo_quant.models.loading import load_model
+    from nemo_quant.modes import apply_modes
+    from nemo_quant.quantization.calibrate import calibrate
+    from nemo_quant.runtime.distributed_init import ParallelLayout, init_megatron
+    from tests.quant_helpers import logits, loop_over
+
+    init_megatron(ParallelLayout(tp, 1), timeout_s=120)
+    loaded = load_model(model_path)
+    apply_modes(loaded.model, [("quantize", quant_cfg)])
+    calibrate(loaded.model, loop_over(calib))
+    if save_dir is not None:
+        from nemo_quant.checkpoint.model_checkpoint import save_model
+
+        save_model(loaded.model, loaded.source.arch, save_dir)
+    proj = loaded.model.decoder.layers[1].self_attention.linear_proj
+    return logits(loaded.model, evals), (proj.input_quantizer.amax.clone() if getattr(proj, "input_quantizer", None) is not None else None)
+
+
+def restored_logits(checkpoint: str, tp: int, evals: torch.Tensor):
+    from nemo_quant.checkpoint.model_checkpoint import load_model_checkpoint
+    from nemo_quant.runtime.distributed_init import ParallelLayout, init_megatron
+    from tests.quant_helpers import logits
+
+    init_megatron(ParallelLayout(tp, 1), timeout_s=120)
+    return logits(load_model_checkpoint(checkpoint), evals)
+
+
+def qat_run(model_path: str, save_dir: str, steps: int, quant_cfg: dict | None, windows: torch.Tensor, lr: float = 1e-3):
+    """Train (or resume) to `steps`; returns (losses, an amax snapshot before and after)."""
+    from pathlib import Path
+
+    from nemo_quant.models.loading import load_model
+    from nemo_quant.modes import apply_modes
+    from nemo_quant.quantization.calibrate import calibrate
+    from nemo_quant.quantization.modules import quantizers
+    from nemo_quant.runtime.distributed_init import ParallelLayout, init_megatron
+    from nemo_quant.training.loop import TrainState, latest_checkpoint, make_optimizer, resume, train
+    from tests.quant_helpers import loop_over
+
+    init_megatron(ParallelLayout(1, 1), timeout_s=120)
+    previous = latest_checkpoint(save_dir)
+    loaded = load_model(model_path, with_weights=previous is None)
+    optimizer = None
+    if previous is not None:
+        optimizer = make_optimizer(loaded.model, lr, 0.0)
+        state = resume(loaded.model, optimizer, previous)
+    else:
+        apply_modes(loaded.model, [("quantize", quant_cfg)])
+        calibrate(loaded.model, loop_over(windows[:2, :-1]))
+        optimizer = make_optimizer(loaded.model, lr, 0.0)
+        state = TrainState()
+    before = {n: q.amax.clone() for n, q in quantizers(loaded.model)}
+    state = train(loaded.model, loaded.source.arch, optimizer, windows, state, steps, 2, Path(save_dir), save_every=5)
+    after = {n: q.amax.clone() for n, q in quantizers(loaded.model)}
+    return state.losses, before, after, state.step

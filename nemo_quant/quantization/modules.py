@@ -61,6 +61,18 @@ class QuantAttentionMixin:
     def forward(self, query, key, value, *args, **kwargs):
         return super().forward(query, self.k_quantizer(key), self.v_quantizer(value), *args, **kwargs)
 
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        # K/V amax are per tensor and max-reduced over TP: replicated on every rank.
+        own = {f"{role}._amax": getattr(self, role).amax for role in ("k_quantizer", "v_quantizer")}
+        sharded.update(make_sharded_tensors_for_checkpoint(
+            own, prefix, {}, sharded_offsets, tp_group=self.tp_group if hasattr(self, "tp_group") else None,
+            dp_cp_group=(metadata or {}).get("dp_cp_group"),
+        ))
+        return sharded
+
 
 @dataclass
 class RegistryEntry:
