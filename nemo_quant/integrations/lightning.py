@@ -1,0 +1,102 @@
+"""Lightning callback: nemo_quant modes on the Megatron model inside a LightningModule.
+
+    callbacks:
+      - _target_: nemo_quant.integrations.lightning.NemoQuantCallback
+        quant: ${quant}            # any preset from conf/quant/
+        calib_batches: 16
+
+At `setup` the callback finds the Megatron GPT model in the LightningModule and applies the
+modes in place (so the optimizer, configured afterwards, sees the final modules). At
+`on_train_start` it calibrates the quantizers that still lack scales on the first
+`calib_batches` training batches; on resume they are already filled from the checkpoint.
+The mode state travels in the Lightning checkpoint and is checked on load.
+"""
+from __future__ import annotations
+
+from itertools import islice
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from nemo_quant.modes import apply_modes, mode_state
+from nemo_quant.quantization.calibrate import calibrate
+from nemo_quant.quantization.modules import quantizers
+from nemo_quant.runtime.pipeline import position_ids_for
+
+CHECKPOINT_KEY = "nemo_quant_modes"
+
+
+def find_megatron_model(module: nn.Module) -> nn.Module:
+    from megatron.core.models.gpt import GPTModel
+
+    found = [m for m in module.modules() if isinstance(m, GPTModel)]
+    if not found:
+        raise TypeError(f"{type(module).__name__} holds no megatron.core GPTModel; NemoQuantCallback needs one.")
+    return found[0]
+
+
+def default_batch_tokens(batch: Any) -> torch.Tensor:
+    """Token ids from a batch: a tensor, a (tokens, ...) tuple or a dict with 'tokens'/'input_ids'."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, dict):
+        for key in ("tokens", "input_ids"):
+            if key in batch:
+                return batch[key]
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise TypeError("cannot find token ids in the batch; pass batch_tokens=<callable> to NemoQuantCallback.")
+
+
+class NemoQuantCallback(pl.Callback):
+    def __init__(self, quant: dict | DictConfig | None = None, calib_batches: int = 16,
+                 batch_tokens: Callable[[Any], torch.Tensor] = default_batch_tokens):
+        if calib_batches < 1:
+            raise ValueError(f"calib_batches={calib_batches}: must be at least 1.")
+        self.modes = [("quantize", OmegaConf.to_container(quant, resolve=True) if isinstance(quant, DictConfig) else quant)] if quant else []
+        self.calib_batches = calib_batches
+        self.batch_tokens = batch_tokens
+        self._model: nn.Module | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        model = find_megatron_model(pl_module)
+        if not mode_state(model):
+            apply_modes(model, self.modes)
+        self._model = model
+        # Lightning loads the weights before callbacks see the checkpoint, but right after
+        # the LightningModule's own on_load_checkpoint: check the modes there, so a mismatch
+        # is reported as such rather than as tensor shape errors.
+        if not getattr(pl_module, "_nemo_quant_checks_modes", False):
+            original = pl_module.on_load_checkpoint
+
+            def check_then_load(checkpoint: dict) -> None:
+                self._check_modes(checkpoint.get(CHECKPOINT_KEY))
+                original(checkpoint)
+
+            pl_module.on_load_checkpoint = check_then_load
+            pl_module._nemo_quant_checks_modes = True
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if all(q.is_calibrated for _, q in quantizers(self._model)):
+            return  # resumed from a checkpoint that holds the scales
+
+        def loop(model: nn.Module) -> None:
+            for batch in islice(iter(trainer.train_dataloader), self.calib_batches):
+                tokens = self.batch_tokens(batch).to(pl_module.device)
+                model(tokens, position_ids_for(tokens), None)
+
+        calibrate(self._model, loop)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_KEY] = mode_state(self._model)
+
+    def _check_modes(self, saved: list | None) -> None:
+        if saved is None:
+            raise RuntimeError("the checkpoint has no nemo_quant mode state; it was not written with NemoQuantCallback.")
+        current = mode_state(self._model) if self._model is not None else []
+        if saved != current:
+            raise RuntimeError(f"checkpoint modes {[m['name'] for m in saved]} differ from the configured ones "
+                               f"{[m['name'] for m in current]} (or their configs); resume with the same quant config.")
