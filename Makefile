@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.setup-done
 CORPUS := $(VENV)/.corpus-done
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast bench clean
 
 setup: $(STAMP) $(CORPUS)
 
@@ -26,8 +26,13 @@ $(CORPUS): $(STAMP)
 	    apt-get update -qq && $(BIN)/python -m nemo_quant.data.austen; }
 	touch $@
 
+# The main job on the embedded default: PTQ of SmolLM2-135M with the int4_awq preset,
+# perplexity on Persuasion before and after.
 demo: setup
-	$(BIN)/nemo-quant eval
+	$(BIN)/nemo-quant ptq quant=int4_awq
+
+bench: setup
+	$(BIN)/python benchmarks/ptq_accuracy.py
 
 test: setup
 	$(BIN)/python -m pytest tests -q $(PYTEST_ARGS)

@@ -60,3 +60,29 @@ def test_bad_override_fails_before_work(tmp_path):
 def test_unknown_command_is_rejected():
     result = _run([sys.executable, "-m", "nemo_quant.cli.main", "quantise"])
     assert result.returncode != 0 and "unknown command 'quantise'" in result.stderr
+
+
+def test_ptq_then_qat_then_eval_of_the_checkpoint(tiny_dir, text_files, tmp_path):
+    """The user flow: PTQ a model and save it, continue with QAT from it, evaluate the result."""
+    base = [f"model.path={tiny_dir / 'tiny.gguf'}", "model.name=tiny", "data=files",
+            f"data.eval_files=[{text_files / 'eval.txt'}]", f"data.calib_files=[{text_files / 'calib.jsonl'}]",
+            "data.seq_length=16", "data.eval_samples=2", "data.calib_samples=4"]
+    cli = [sys.executable, "-m", "nemo_quant.cli.main"]
+    ptq = _run([*cli, "ptq", *base, "quant=w4a8_awq", "+quant/kv_cache=fp8", "quant.weight.block_size=32",
+                f"checkpoint.save={tmp_path / 'ptq'}", f"hydra.run.dir={tmp_path / 'r1'}"])
+    assert ptq.returncode == 0, ptq.stderr[-3000:]
+    assert "| tiny  | w4a8_awq |" in ptq.stdout and (tmp_path / "ptq" / "nemo_quant_modes.json").is_file()
+
+    train = _run([*cli, "train", *base, f"checkpoint.load={tmp_path / 'ptq'}", f"checkpoint.save={tmp_path / 'qat'}",
+                  "train.steps=4", "train.save_every=2", "train.seq_length=16", "train.lr=1e-3",
+                  f"hydra.run.dir={tmp_path / 'r2'}"])
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert (tmp_path / "qat" / "latest").read_text() == "step_4"
+    assert "quantize" in train.stdout
+
+    evaluated = _run([*cli, "eval", *base, f"checkpoint.load={tmp_path / 'qat' / 'step_4'}", f"hydra.run.dir={tmp_path / 'r3'}"])
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert math.isfinite(_perplexity(evaluated.stdout))
+
+    again = _run([*cli, "ptq", *base, "quant=fp8", f"checkpoint.save={tmp_path / 'ptq'}", f"hydra.run.dir={tmp_path / 'r4'}"])
+    assert again.returncode != 0 and "checkpoint.overwrite=true" in again.stderr

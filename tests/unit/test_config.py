@@ -58,3 +58,34 @@ def test_bad_value_names_the_path(override, key):
 def test_semantic_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         validate(_compose(override))
+
+
+def test_bad_preset_name_lists_the_options():
+    with pytest.raises(ConfigCompositionException) as info:
+        _compose("quant=int5_awq")
+    message = str(info.value)
+    assert "quant" in message and "int4_awq" in message and "nvfp4" in message
+
+
+def test_presets_compose_and_validate():
+    from omegaconf import OmegaConf
+
+    from nemo_quant.quantization.validate import validate_quant_config
+
+    for name in ["fp8", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq", "mxfp8", "int8_weight_only", "int4_weight_only"]:
+        cfg = _compose(f"quant={name}", "+quant/kv_cache=fp8", "command=ptq")
+        validate(cfg)
+        typed = OmegaConf.to_object(cfg.quant)
+        validate_quant_config(typed)
+        assert typed.name == name and typed.kv_cache.format == "fp8_e4m3"
+
+
+def test_ptq_without_preset_is_rejected():
+    with pytest.raises(ConfigError, match="quant=<preset>"):
+        validate(_compose("command=ptq"))
+
+
+def test_bad_quant_value_names_the_path():
+    with pytest.raises(ConfigCompositionException) as info:
+        _compose("quant=fp8", "quant.weight.format=fp7")
+    assert "quant.weight.format" in str(info.value.__cause__.full_key)
