@@ -167,14 +167,48 @@ def _convert_linear(module: nn.Module, entry: RegistryEntry, cfg: QuantConfig) -
     module._nq_weight_tp_axis = entry.weight_tp_axis
     wq = module.weight_quantizer
     if wq is not None and wq.amax.ndim == 2:
-        # Column parallel: every per-row / per-block amax belongs to the rank's own rows.
-        # Row parallel: per-channel amax is reduced over TP (identical, replicated); block
-        # amax follows the split input dim.
         column = entry.weight_tp_axis == 0
-        per_channel = wq.amax.shape[1] == 1
-        wq.amax_tp_axis = 0 if column else (None if per_channel else 1)
-        wq.reduce_over_tp = (not column) and per_channel
+        per_channel = wq.per_channel
+        if column:
+            # Every per-row / per-block amax belongs to the rank's own rows.
+            wq.amax_tp_axis, wq.reduce_over_tp = 0, False
+        else:
+            # Row parallel: the input dim is split, so per-channel maxima and block maxima are
+            # reduced over TP; blocks follow global column numbers (identical at any TP).
+            wq.amax_tp_axis, wq.reduce_over_tp = None, True
+            if not per_channel:
+                tp_rank = _tp_rank(module)
+                wq.use_global_blocks(tp_rank * module.input_size_per_partition, module.input_size)
+    _check_dynamic_blocks(module, entry, cfg)
     module.__class__ = _quant_class(base, entry.mixin)
+
+
+def _tp_rank(module: nn.Module) -> int:
+    group = getattr(module, "tp_group", None)
+    return torch.distributed.get_rank(group) if group is not None and torch.distributed.is_initialized() else 0
+
+
+def _check_dynamic_blocks(module: nn.Module, entry: RegistryEntry, cfg: QuantConfig) -> None:
+    """Formats whose block scales come from each block (NVFP4, MX, NF4, block inputs) need the
+    per-rank input dim of a row-parallel layer to be a multiple of the block, or blocks would
+    depend on TP."""
+    from nemo_quant.config.validate import ConfigError
+    from nemo_quant.quantization.config import BLOCK_ONLY, Granularity, QFormat
+
+    if entry.weight_tp_axis != 1:
+        return
+    local_in = module.input_size_per_partition
+    for role in ("weight", "input"):
+        spec = getattr(cfg, role)
+        if spec is None or Granularity(spec.granularity) != Granularity.block:
+            continue
+        dynamic = QFormat(spec.format) in BLOCK_ONLY or role == "input"
+        if dynamic and local_in % spec.effective_block_size():
+            raise ConfigError(
+                f"quant.{role}.block_size={spec.effective_block_size()} does not divide the per-rank input "
+                f"dim {local_in} of a row-parallel layer ({module.input_size} / TP); choose a parallel.tp "
+                "that keeps it a multiple of the block."
+            )
 
 
 def _convert_attention(module: nn.Module, entry: RegistryEntry, cfg: QuantConfig) -> None:

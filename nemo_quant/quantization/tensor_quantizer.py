@@ -7,7 +7,10 @@ trains weights through a straight-through estimator while scales stay frozen.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from nemo_quant.numerics.blocks import num_blocks, to_blocks
@@ -36,28 +39,59 @@ class TensorQuantizer(nn.Module):
         self.spec, self.role = spec, role
         self.register_buffer("_amax", torch.full(amax_shape(spec, role, weight_shape), float("nan")))
         self.needs_calibration = QFormat(spec.format) not in NO_CALIBRATION
+        # [out, 1] amax can mean per channel or "one block": decide by the spec, not the shape.
+        self.per_channel = len(self._amax.shape) == 2 and Granularity(spec.granularity) == Granularity.channel
         self._calibrator = None
         self._calibrated = not self.needs_calibration
         # Set by conversion: the TP-sharded axis of the amax (None = replicated) and whether
-        # per-tensor / per-channel statistics must be max-reduced across TP ranks.
+        # the statistic spans the TP group (reduced across it, then identical on every rank).
         self.amax_tp_axis: int | None = None
         self.reduce_over_tp = True
+        # Row-parallel weights: this rank holds input columns [offset, offset + local) of
+        # `global_in`; blocks are laid over the *global* input dim so that the scales do not
+        # depend on TP (a block may straddle two ranks).
+        self.block_offset = 0
+        self.global_in: int | None = None
+
+    def use_global_blocks(self, offset: int, global_in: int) -> None:
+        self.block_offset, self.global_in = offset, global_in
+        out = self._amax.shape[0]
+        self._amax = torch.full((out, num_blocks(global_in, self.spec.effective_block_size())), float("nan"))
+
+    def _sliced(self, x: torch.Tensor) -> bool:
+        return self.global_in is not None and (self.block_offset != 0 or x.shape[-1] != self.global_in)
+
+    def _block_ids(self, local_in: int, device) -> torch.Tensor:
+        cols = torch.arange(self.block_offset, self.block_offset + local_in, device=device)
+        return cols // self.spec.effective_block_size()
 
     # -- statistics ------------------------------------------------------------------------
     def reduce_amax(self, x: torch.Tensor) -> torch.Tensor:
         shape = self._amax.shape
         if len(shape) == 0:
             return x.abs().amax()
-        if shape[1] == 1:
+        if self.per_channel:
             return x.abs().amax(dim=1, keepdim=True)
+        if self._sliced(x):
+            ids = self._block_ids(x.shape[-1], x.device).expand_as(x)
+            return torch.zeros(shape, dtype=torch.float32, device=x.device).scatter_reduce_(1, ids, x.abs().float(), "amax")
         return to_blocks(x, self.spec.effective_block_size()).abs().amax(dim=-1)
 
+    def _fake_quant_args(self, x: torch.Tensor, amax: torch.Tensor):
+        """(spec, amax) to quantize `x` with; sliced blocks become one scale per column."""
+        if amax.ndim == 2 and not self.per_channel and self._sliced(x):
+            return replace(self.spec, granularity=Granularity.channel), amax[:, self._block_ids(x.shape[-1], x.device)]
+        return self.spec, amax
+
     def _quant_error(self, x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-        err = (fake_quant(x, self.spec, amax) - x).pow(2)
+        err = (fake_quant(x, *self._fake_quant_args(x, amax)) - x).pow(2)
         if len(self._amax.shape) == 0:
             return err  # per-tensor: elementwise, weighted by histogram counts by the caller
-        if self._amax.shape[1] == 1:
+        if self.per_channel:
             return err.sum(dim=1, keepdim=True)
+        if self._sliced(x):
+            ids = self._block_ids(x.shape[-1], x.device).expand_as(x)
+            return torch.zeros(self._amax.shape, dtype=err.dtype, device=x.device).scatter_add_(1, ids, err)
         return to_blocks(err, self.spec.effective_block_size()).sum(dim=-1)
 
     def start_calibration(self) -> None:
@@ -66,9 +100,26 @@ class TensorQuantizer(nn.Module):
         if name == CalibratorName.percentile and per_tensor:
             self._calibrator = PercentileCalibrator(self.spec.percentile)
         elif name == CalibratorName.mse:
-            self._calibrator = MseCalibrator(self.reduce_amax, self._quant_error, per_tensor)
+            self._calibrator = MseCalibrator(self.reduce_amax, self._quant_error, per_tensor, self._tp_reducer())
         else:  # percentile of per-channel/per-block weight statistics degenerates to max
             self._calibrator = MaxCalibrator(self.reduce_amax)
+
+    def _tp_reducer(self):
+        """All-reduce over TP for statistics that span the TP group (e.g. row-parallel
+        per-channel MSE errors, whose input dim is split); None when they are local."""
+        if not self.reduce_over_tp:
+            return None
+        from megatron.core import parallel_state as ps
+
+        if not dist.is_initialized() or not ps.model_parallel_is_initialized() or ps.get_tensor_model_parallel_world_size() == 1:
+            return None
+        group = ps.get_tensor_model_parallel_group()
+
+        def reduce(t: torch.Tensor, op: str) -> torch.Tensor:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
+            return t
+
+        return reduce
 
     @property
     def calibrating(self) -> bool:
@@ -106,7 +157,8 @@ class TensorQuantizer(nn.Module):
                 f"{self.role} quantizer ({self.spec.format}) has no scale: run nemo_quant.calibrate(model, "
                 "forward_loop) or load a checkpoint that holds calibrated scales."
             )
-        return fake_quant_ste(x, self.spec, self._amax.to(x.device))
+        spec, amax = self._fake_quant_args(x, self._amax.to(x.device))
+        return fake_quant_ste(x, spec, amax)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

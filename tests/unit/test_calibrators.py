@@ -68,3 +68,26 @@ def test_clipped_ste_zeroes_gradient_outside_range():
     x = torch.tensor([0.5, 2.0, -3.0], requires_grad=True)
     fake_quant_ste(x, spec, torch.tensor(1.0)).sum().backward()
     assert x.grad.tolist() == [1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("calibrator", ["max", "mse"])
+def test_global_blocks_on_a_column_slice_match_the_full_weight(calibrator):
+    """A row-parallel rank's slice, blocked over global columns, reproduces the TP=1 result."""
+    spec = QuantizerSpec(format="int4", granularity="block", block_size=32, calibrator=calibrator)
+    w = torch.randn(6, 96, generator=torch.Generator().manual_seed(3))
+    full = TensorQuantizer(spec, "weight", (6, 96))
+    full.start_calibration()
+    full.collect(w)
+    full.set_amax(full.local_amax())
+    halves = []
+    for rank in range(2):
+        q = TensorQuantizer(spec, "weight", (6, 48))
+        q.use_global_blocks(48 * rank, 96)
+        assert q.amax.shape == (6, 3)
+        halves.append(q)
+    partial = [q.reduce_amax(w[:, 48 * r:48 * (r + 1)]) for r, q in enumerate(halves)]
+    if calibrator == "max":
+        torch.testing.assert_close(torch.maximum(*partial), full.amax, rtol=0, atol=0)
+    for r, q in enumerate(halves):
+        q.set_amax(full.amax)
+        assert torch.equal(q(w[:, 48 * r:48 * (r + 1)]), full(w)[:, 48 * r:48 * (r + 1)])
