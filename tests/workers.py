@@ -123,3 +123,59 @@ def qat_run(model_path: str, save_dir: str, steps: int, quant_cfg: dict | None, 
     state = train(loaded.model, loaded.source.arch, optimizer, windows, state, steps, 2, Path(save_dir), save_every=5)
     after = {n: q.amax.clone() for n, q in quantizers(loaded.model)}
     return state.losses, before, after, state.step
+
+
+def calibrate_layout(model_path: str, tp: int, pp: int, quant_cfg: dict, calib: torch.Tensor, evals: torch.Tensor,
+                     save_dir: str | None = None):
+    """PTQ at TP x PP (x DP = the rest) with the windows loop; returns last-stage logits + amax by name."""
+    from nemo_quant.models.loading import load_model
+    from nemo_quant.modes import apply_modes
+    from nemo_quant.quantization.calibrate import calibrate
+    from nemo_quant.quantization.forward_loop import windows_forward_loop
+    from nemo_quant.quantization.modules import quantizers
+    from nemo_quant.runtime.distributed_init import ParallelLayout, init_megatron
+    from tests.quant_helpers import logits
+
+    init_megatron(ParallelLayout(tp, pp), timeout_s=120)
+    loaded = load_model(model_path)
+    apply_modes(loaded.model, [("quantize", quant_cfg)])
+    calibrate(loaded.model, windows_forward_loop(calib))
+    if save_dir is not None:
+        from nemo_quant.checkpoint.model_checkpoint import save_model
+
+        save_model(loaded.model, loaded.source.arch, save_dir)
+    offset = loaded.model.decoder.layers[0].layer_number - 1  # name layers globally under PP
+    amax = {}
+    for name, q in quantizers(loaded.model):
+        parts = name.split(".")
+        if parts[:2] == ["decoder", "layers"]:
+            parts[2] = str(int(parts[2]) + offset)
+        amax[".".join(parts)] = q.amax.clone()
+    return logits(loaded.model, evals), amax
+
+
+def failing_calibration(bad_rank: int) -> str:
+    """Rank `bad_rank` raises inside its forward loop; every rank reports what it got."""
+    import torch.distributed as dist
+
+    from nemo_quant.models.builder import build_gpt_model
+    from nemo_quant.modes import apply_modes
+    from nemo_quant.quantization.calibrate import calibrate
+    from nemo_quant.runtime.distributed_init import ParallelLayout, init_megatron
+    from tests.quant_helpers import INT8_CHANNEL, loop_over, tokens
+    from tests.tiny_models import TINY
+
+    init_megatron(ParallelLayout(1, 1), timeout_s=60)
+    model = build_gpt_model(TINY)
+    apply_modes(model, [("quantize", INT8_CHANNEL)])
+
+    def loop(m):
+        if dist.get_rank() == bad_rank:
+            raise ValueError("corrupt calibration shard")
+        loop_over(tokens(1))(m)
+
+    try:
+        calibrate(model, loop)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"

@@ -39,7 +39,7 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, vocab_size: int, b
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     mine = windows[dp_rank::dp]
-    batches = list(mine.split(batch_size))
+    batches = list(mine.split(batch_size)) if mine.shape[0] else []  # a DP rank may get no window
     model.eval()
 
     def score(output: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from nemo_quant.distributed import sync_amax
@@ -33,11 +34,7 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], None] | None
                         wq.collect(module.weight)
                     wq.set_amax(_finish(wq, "weight"))
         if forward_loop is not None and any(q.calibrating for _, q in named):
-            was_training = model.training
-            model.eval()
-            with torch.no_grad():
-                forward_loop(model)
-            model.train(was_training)
+            _run_forward_loop_everywhere(model, forward_loop)
         missing = []
         for name, q in named:
             if not q.calibrating:
@@ -54,6 +51,34 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], None] | None
     finally:
         for _, q in named:
             q._calibrator = None
+
+
+def _run_forward_loop_everywhere(model: nn.Module, forward_loop) -> None:
+    """Run the loop, then agree across all ranks on whether any rank failed.
+
+    A rank that raised still joins the agreement, so every rank leaves with an error naming
+    the failing rank instead of waiting forever in the statistics sync."""
+    was_training = model.training
+    model.eval()
+    error: BaseException | None = None
+    try:
+        with torch.no_grad():
+            forward_loop(model)
+    except Exception as exc:  # re-raised below on this rank, reported on the others
+        error = exc
+    finally:
+        model.train(was_training)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        messages: list = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
+        failed = [(rank, msg) for rank, msg in enumerate(messages) if msg is not None]
+    else:
+        failed = [(0, str(error))] if error is not None else []
+    if error is not None:
+        raise error
+    if failed:
+        rank, msg = failed[0]
+        raise CalibrationError(f"calibration failed on rank {rank} ({msg}); no scales were set.")
 
 
 def _finish(q, name: str) -> torch.Tensor:

@@ -17,7 +17,7 @@ def windows_forward_loop(windows: torch.Tensor, batch_size: int = 1, desc: str =
         from megatron.core import parallel_state as ps
 
         mine = windows[ps.get_data_parallel_rank()::ps.get_data_parallel_world_size()]
-        batches = list(mine.split(batch_size))
+        batches = list(mine.split(batch_size)) if mine.shape[0] else []  # a DP rank may get no window
         bar = progress(total=len(batches), desc=desc, unit="batch")
         for batch in batches:
             forward_batches(model, [batch], lambda output, tokens: None, num_batches=1)

@@ -49,10 +49,18 @@ class QuantLinearMixin:
             q = getattr(self, role)
             if q is not None and q.amax_tp_axis is not None:
                 axis_map[f"{role}._amax"] = q.amax_tp_axis
-        return make_sharded_tensors_for_checkpoint(
+        sharded = make_sharded_tensors_for_checkpoint(
             self.state_dict(prefix="", keep_vars=True), prefix, axis_map, sharded_offsets,
             tp_group=self.tp_group, dp_cp_group=(metadata or {}).get("dp_cp_group"),
         )
+        key = f"{prefix}weight_quantizer._amax"
+        if getattr(self, "_nq_swiglu", False) and axis_map.get("weight_quantizer._amax") == 0:
+            # Gated MLP fc1 rows are [gate_r; up_r] per rank: reshard amax rows like the weight.
+            from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+            sharded[key] = apply_swiglu_sharded_factory(
+                sharded[key], sharded_offsets, (metadata or {}).get("singleton_local_shards", False))
+        return sharded
 
 
 class QuantAttentionMixin:
@@ -151,6 +159,7 @@ def convert_model(model: nn.Module, cfg: QuantConfig) -> ConversionReport:
             continue
         if entry.kind == "linear" and (cfg.weight is not None or cfg.input is not None):
             _convert_linear(module, entry, cfg)
+            module._nq_swiglu = name.endswith("linear_fc1") and bool(getattr(module.config, "gated_linear_unit", False))
         elif entry.kind == "attention" and cfg.kv_cache is not None:
             _convert_attention(module, entry, cfg)
         else:

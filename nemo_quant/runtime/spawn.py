@@ -7,6 +7,7 @@ kills every child and raises with the failing child's traceback.
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import time
 import traceback
@@ -32,7 +33,9 @@ def _child(rank: int, world_size: int, port: int, timeout_s: float, fn, args, re
 
         init_process_group(timeout_s)
         value = fn(*args)
-        results.put((rank, "ok", value))
+        # Plain pickle bytes, not the queue's shared-memory tensor handles: those die with this
+        # process, which may exit before the parent reads them.
+        results.put((rank, "ok", pickle.dumps(value)))
         teardown()
     except BaseException:  # report everything, including SystemExit, to the parent
         results.put((rank, "error", traceback.format_exc()))
@@ -68,7 +71,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
                 continue
             if status == "error":
                 raise ChildProcessError(f"rank {rank} failed:\n{value}")
-            values[rank] = value
+            values[rank] = pickle.loads(value)  # bytes from our own child process
     finally:
         for p in procs:
             p.join(timeout=10 if len(values) == world_size else 0.5)
