@@ -86,12 +86,12 @@ def quantized_logits(model_path: str, tp: int, quant_cfg: dict, calib: torch.Ten
     return logits(loaded.model, evals), (proj.input_quantizer.amax.clone() if getattr(proj, "input_quantizer", None) is not None else None)
 
 
-def restored_logits(checkpoint: str, tp: int, evals: torch.Tensor):
+def restored_logits(checkpoint: str, tp: int, evals: torch.Tensor, pp: int = 1):
     from nemo_quant.checkpoint.model_checkpoint import load_model_checkpoint
     from nemo_quant.runtime.distributed_init import ParallelLayout, init_megatron
     from tests.quant_helpers import logits
 
-    init_megatron(ParallelLayout(tp, 1), timeout_s=120)
+    init_megatron(ParallelLayout(tp, pp), timeout_s=120)
     return logits(load_model_checkpoint(checkpoint), evals)
 
 

@@ -62,12 +62,16 @@ def test_failing_rank_fails_every_rank_fast():
     assert messages[0].startswith("CalibrationError: calibration failed on rank 1 (ValueError: corrupt calibration shard)")
 
 
-@pytest.mark.parametrize("save_tp,load_tp", [(2, 1), (1, 2)])
-def test_reshard_dist_checkpoint(tiny_dir, tmp_path, save_tp, load_tp):
+@pytest.mark.parametrize("save_tp,save_pp,load_tp,load_pp", [(2, 1, 1, 1), (1, 1, 2, 1), (1, 2, 1, 1), (1, 1, 1, 2)],
+                         ids=["tp2-to-tp1", "tp1-to-tp2", "pp2-to-pp1", "pp1-to-pp2"])
+def test_reshard_dist_checkpoint(tiny_dir, tmp_path, save_tp, save_pp, load_tp, load_pp):
     cfg = {**INT4_BLOCK32_MSE, "weight": {"format": "int4", "granularity": "block", "block_size": 32},
            "input": {"format": "int8"}, "kv_cache": {"format": "int8"}}
     path, ckpt = str(tiny_dir / "hf"), str(tmp_path / "ckpt")
-    saved = run_distributed(workers.calibrate_layout, save_tp, path, save_tp, 1, cfg, CALIB, EVALS, ckpt)
-    loaded = run_distributed(workers.restored_logits, load_tp, ckpt, load_tp, EVALS)
+    saved = run_distributed(workers.calibrate_layout, save_tp * save_pp, path, save_tp, save_pp, cfg, CALIB, EVALS, ckpt)
+    reference = next(out for out, _ in saved if out is not None)
+    loaded = run_distributed(workers.restored_logits, load_tp * load_pp, ckpt, load_tp, EVALS, load_pp)
     for out in loaded:
-        torch.testing.assert_close(out, saved[0][0], rtol=1e-5, atol=1e-5)
+        if out is not None:
+            torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    assert sum(out is not None for out in loaded) == load_tp

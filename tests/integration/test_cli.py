@@ -86,3 +86,22 @@ def test_ptq_then_qat_then_eval_of_the_checkpoint(tiny_dir, text_files, tmp_path
 
     again = _run([*cli, "ptq", *base, "quant=fp8", f"checkpoint.save={tmp_path / 'ptq'}", f"hydra.run.dir={tmp_path / 'r4'}"])
     assert again.returncode != 0 and "checkpoint.overwrite=true" in again.stderr
+
+
+def _quant_perplexity(stdout: str, preset: str) -> float:
+    return float(re.search(rf"^\|\s*tiny\s*\|\s*{preset}\s*\|\s*([\d.]+)", stdout, re.M).group(1))
+
+
+def test_ptq_under_torchrun_tp2_and_dp2_matches_tp1(tiny_dir, text_files, tmp_path):
+    args = ["ptq", f"model.path={tiny_dir / 'tiny.gguf'}", "model.name=tiny", "data=files",
+            f"data.eval_files=[{text_files / 'eval.txt'}]", f"data.calib_files=[{text_files / 'calib.jsonl'}]",
+            "data.seq_length=16", "data.eval_samples=4", "data.calib_samples=4", "quant=int8_weight_only",
+            "quant.input={format: int8}"]
+    single = _run([sys.executable, "-m", "nemo_quant.cli.main", *args, f"hydra.run.dir={tmp_path / 'a'}"])
+    assert single.returncode == 0, single.stderr[-3000:]
+    ref = _quant_perplexity(single.stdout, "int8_weight_only")
+    for layout in ("parallel.tp=2", "parallel.tp=1"):  # TP=2, and DP=2 (2 processes at TP=1)
+        run = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                    str(free_port()), "-m", "nemo_quant.cli.main", *args, layout, f"hydra.run.dir={tmp_path / layout}"])
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert _quant_perplexity(run.stdout, "int8_weight_only") == pytest.approx(ref, rel=1e-4), layout
