@@ -30,7 +30,7 @@ def main() -> None:
         command = args.pop(0)
         if command not in Command.__members__:
             sys.exit(f"nemo-quant: unknown command {command!r}; choose one of {', '.join(Command.__members__)}")
-        args.append(f"command={command}")
+        args.insert(0, f"command={command}")
     sys.argv = [sys.argv[0], *args]
     hydra_entry()
 

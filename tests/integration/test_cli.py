@@ -96,12 +96,12 @@ def test_ptq_under_torchrun_tp2_and_dp2_matches_tp1(tiny_dir, text_files, tmp_pa
     args = ["ptq", f"model.path={tiny_dir / 'tiny.gguf'}", "model.name=tiny", "data=files",
             f"data.eval_files=[{text_files / 'eval.txt'}]", f"data.calib_files=[{text_files / 'calib.jsonl'}]",
             "data.seq_length=16", "data.eval_samples=4", "data.calib_samples=4", "quant=int8_weight_only",
-            "quant.input={format: int8}"]
+            "+quant/input=int8"]
     single = _run([sys.executable, "-m", "nemo_quant.cli.main", *args, f"hydra.run.dir={tmp_path / 'a'}"])
     assert single.returncode == 0, single.stderr[-3000:]
     ref = _quant_perplexity(single.stdout, "int8_weight_only")
     for layout in ("parallel.tp=2", "parallel.tp=1"):  # TP=2, and DP=2 (2 processes at TP=1)
         run = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                    str(free_port()), "-m", "nemo_quant.cli.main", *args, layout, f"hydra.run.dir={tmp_path / layout}"])
+                    str(free_port()), "-m", "nemo_quant.cli.main", *args, layout, f"hydra.run.dir={tmp_path / layout.replace('=', '')}"])
         assert run.returncode == 0, run.stderr[-3000:]
         assert _quant_perplexity(run.stdout, "int8_weight_only") == pytest.approx(ref, rel=1e-4), layout
