@@ -32,14 +32,16 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], None] | None
                 if wq.calibrating:
                     with torch.no_grad():
                         wq.collect(module.weight)
-                    wq.set_amax(_finish(wq, "weight"))
-        if forward_loop is not None and any(q.calibrating for _, q in named):
+                    wq.set_amax(_finish(wq))
+        if forward_loop is not None and _any_rank(any(q.calibrating for _, q in named)):
+            # Decided globally: under PP a stage without data quantizers still has to relay
+            # activations for the stages that have them.
             _run_forward_loop_everywhere(model, forward_loop)
         missing = []
         for name, q in named:
             if not q.calibrating:
                 continue
-            amax = _finish(q, name)
+            amax = _finish(q)
             if not bool(amax.gt(0).any()):
                 missing.append(name)
             q.set_amax(amax)
@@ -51,6 +53,14 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], None] | None
     finally:
         for _, q in named:
             q._calibrator = None
+
+
+def _any_rank(flag: bool) -> bool:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _run_forward_loop_everywhere(model: nn.Module, forward_loop) -> None:
@@ -81,7 +91,7 @@ def _run_forward_loop_everywhere(model: nn.Module, forward_loop) -> None:
         raise CalibrationError(f"calibration failed on rank {rank} ({msg}); no scales were set.")
 
 
-def _finish(q, name: str) -> torch.Tensor:
+def _finish(q) -> torch.Tensor:
     local = q.local_amax()
     amax = torch.zeros(q.amax.shape) if local is None else local.float().reshape(q.amax.shape).clone()
     return sync_amax(amax, q.reduce_over_tp)

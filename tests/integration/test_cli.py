@@ -105,3 +105,9 @@ def test_ptq_under_torchrun_tp2_and_dp2_matches_tp1(tiny_dir, text_files, tmp_pa
                     str(free_port()), "-m", "nemo_quant.cli.main", *args, layout, f"hydra.run.dir={tmp_path / layout.replace('=', '')}"])
         assert run.returncode == 0, run.stderr[-3000:]
         assert _quant_perplexity(run.stdout, "int8_weight_only") == pytest.approx(ref, rel=1e-4), layout
+
+
+def test_cfg_job_prints_the_composed_config():
+    result = _run([sys.executable, "-m", "nemo_quant.cli.main", "ptq", "quant=fp8", "+quant/kv_cache=fp8", "--cfg", "job"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "command: ptq" in result.stdout and "format: fp8_e4m3" in result.stdout
