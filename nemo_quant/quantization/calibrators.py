@@ -93,7 +93,7 @@ class MseCalibrator:
                 return None
             values, weights = self.hist.centres().float(), self.hist.counts.float()
             errors = torch.stack([
-                (self.quant_error(values, torch.tensor(r * self.hist.top)) * weights).sum() for r in MSE_CANDIDATES
+                (self.quant_error(values, torch.tensor(float(r) * self.hist.top)) * weights).sum() for r in MSE_CANDIDATES
             ])
             return torch.tensor(float(MSE_CANDIDATES[int(errors.argmin())]) * self.hist.top)
         if self.last is None:
