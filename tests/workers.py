@@ -95,7 +95,8 @@ def restored_logits(checkpoint: str, tp: int, evals: torch.Tensor, pp: int = 1):
     return logits(load_model_checkpoint(checkpoint), evals)
 
 
-def qat_run(model_path: str, save_dir: str, steps: int, quant_cfg: dict | None, windows: torch.Tensor, lr: float = 1e-3):
+def qat_run(model_path: str, save_dir: str, steps: int, quant_cfg: dict | None, windows: torch.Tensor, lr: float = 1e-3,
+            pp: int = 1):
     """Train (or resume) to `steps`; returns (losses, an amax snapshot before and after)."""
     from pathlib import Path
 
@@ -107,7 +108,7 @@ def qat_run(model_path: str, save_dir: str, steps: int, quant_cfg: dict | None, 
     from nemo_quant.training.loop import TrainState, latest_checkpoint, make_optimizer, resume, train
     from tests.quant_helpers import loop_over
 
-    init_megatron(ParallelLayout(1, 1), timeout_s=120)
+    init_megatron(ParallelLayout(1, pp), timeout_s=120)
     previous = latest_checkpoint(save_dir)
     loaded = load_model(model_path, with_weights=previous is None)
     optimizer = None

@@ -60,6 +60,4 @@ def _validate_command(cfg: DictConfig) -> None:
             _positive(cfg, f"train.{key}")
         if cfg.train.lr <= 0:
             raise ConfigError(f"train.lr={cfg.train.lr}: must be positive.")
-        if cfg.parallel.pp > 1:
-            raise ConfigError("parallel.pp>1: `nemo-quant train` supports tensor and data parallelism; "
-                              "pipeline-parallel training is not implemented yet, use parallel.pp=1.")
+

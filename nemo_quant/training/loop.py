@@ -1,4 +1,4 @@
-"""A Megatron training loop for QAT and fine-tuning (TP x DP), with periodic, resumable checkpoints.
+"""A Megatron training loop for QAT and fine-tuning (TP x PP x DP), with periodic, resumable checkpoints.
 
 Quantizer scales are buffers, so the optimizer never touches them: QAT trains the weights
 through the straight-through estimator with the calibrated scales frozen.
@@ -70,9 +70,16 @@ def _save(model, arch, optimizer, state: TrainState, save_dir: Path) -> None:
         tmp.replace(save_dir / LATEST)
 
 
-def _all_reduce_grads_over_dp(model: nn.Module) -> None:
+def _sync_grads(model: nn.Module) -> None:
+    """Average gradients over DP replicas; under PP, sum the tied embedding's gradient over the
+    first and last stage (each holds a copy of the shared weight)."""
     from megatron.core import parallel_state as ps
 
+    if ps.get_pipeline_model_parallel_world_size() > 1 and getattr(model, "share_embeddings_and_output_weights", False):
+        if ps.is_pipeline_first_stage() or ps.is_pipeline_last_stage():
+            weight = model.shared_embedding_or_output_weight()
+            if weight.grad is not None:
+                dist.all_reduce(weight.grad, group=ps.get_embedding_group())
     dp = ps.get_data_parallel_world_size()
     if dp == 1:
         return
@@ -81,6 +88,39 @@ def _all_reduce_grads_over_dp(model: nn.Module) -> None:
         if p.grad is not None:
             dist.all_reduce(p.grad, group=group)
             p.grad /= dp
+
+
+def _forward_backward(model: nn.Module, batch: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
+    """One step's forward and backward through Megatron's schedule (pipelined when PP > 1).
+
+    Returns the mean loss of this DP rank's batch on every rank of its pipeline."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    micro_batches = list(batch.split(micro_batch_size))
+
+    def forward_step(data_iterator, model_chunk):
+        chunk = next(data_iterator)
+        tokens, labels = chunk[:, :-1], chunk[:, 1:]
+        per_token = model_chunk(tokens, position_ids_for(tokens), None, labels=labels)
+
+        def loss_func(output):
+            loss = output.float().mean()
+            return loss, {"loss": loss.detach()}
+
+        return per_token, loss_func
+
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[model],
+        num_microbatches=len(micro_batches), seq_length=batch.shape[1] - 1,
+        micro_batch_size=micro_batch_size, forward_only=False,
+    )
+    loss = torch.zeros((), dtype=torch.float64)
+    if ps.is_pipeline_last_stage():
+        loss += torch.stack([r["loss"].double() for r in reports]).mean()
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())
+    return loss
 
 
 def train(model: nn.Module, arch: LlamaArch, optimizer: torch.optim.Optimizer, windows: torch.Tensor,
@@ -98,18 +138,14 @@ def train(model: nn.Module, arch: LlamaArch, optimizer: torch.optim.Optimizer, w
     while state.step < steps:
         i = state.step % batches_per_epoch
         batch = windows[i * per_step:(i + 1) * per_step][dp_rank::dp]
-        tokens, labels = batch[:, :-1], batch[:, 1:]
         optimizer.zero_grad(set_to_none=True)
-        per_token = model(tokens, position_ids_for(tokens), None, labels=labels)
-        loss = per_token.float().mean()
-        loss.backward()
-        _all_reduce_grads_over_dp(model)
+        loss = _forward_backward(model, batch, micro_batch_size)
+        _sync_grads(model)
         optimizer.step()
-        reported = loss.detach().clone()
         if dp > 1:
-            dist.all_reduce(reported, group=ps.get_data_parallel_group())
-            reported /= dp
-        value = float(reported)
+            dist.all_reduce(loss, group=ps.get_data_parallel_group())
+            loss /= dp
+        value = float(loss)
         if not math.isfinite(value):
             raise FloatingPointError(f"loss became {value} at step {state.step + 1}; lower train.lr.")
         state.step += 1

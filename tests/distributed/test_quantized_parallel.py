@@ -54,3 +54,13 @@ def test_qat_loss_decreases_scales_frozen_and_resumes(tiny_dir, tmp_path):
     assert step2 == 15 and losses2[:10] == losses and len(losses2) == 15
     for name in before:
         assert torch.equal(before2[name], before[name]), name
+
+
+def test_qat_pipeline_parallel_matches_single_stage(tiny_dir, tmp_path):
+    """PP=2 runs the same math on two processes: identical loss trajectory, tied embeddings kept in sync."""
+    text = torch.arange(64).repeat(6)[: 4 * 17].reshape(4, 17) % 257
+    path = str(tiny_dir / "hf")
+    ref = run_distributed(workers.qat_run, 1, path, str(tmp_path / "pp1"), 6, W4A8_KV, text)[0][0]
+    outs = run_distributed(workers.qat_run, 2, path, str(tmp_path / "pp2"), 6, W4A8_KV, text, 1e-3, 2)
+    for losses, *_ in outs:
+        assert losses == pytest.approx(ref, rel=1e-5, abs=1e-6)
