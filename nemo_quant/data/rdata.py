@@ -95,7 +95,7 @@ class _Reader:
             attrs = self.item()
             names = attrs.get("names") if isinstance(attrs, dict) else None
             if kind == VECSXP and names:
-                value = dict(zip(names, value))
+                value = dict(zip(names, value, strict=True))
         return value
 
 

@@ -39,5 +39,5 @@ def byte_level_bpe(tokens: list[str], merges: list[tuple[str, str]], token_types
     else:
         tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True) for t, ty in zip(tokens, token_types) if ty == _CONTROL])
+    tok.add_special_tokens([AddedToken(t, special=True) for t, ty in zip(tokens, token_types, strict=True) if ty == _CONTROL])
     return tok

@@ -67,7 +67,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
             except queue.Empty:
                 dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in values]
                 if dead:
-                    raise ChildProcessError(f"rank {dead[0]} exited with code {procs[dead[0]].exitcode} without a report")
+                    raise ChildProcessError(f"rank {dead[0]} exited with code {procs[dead[0]].exitcode} without a report") from None
                 continue
             if status == "error":
                 raise ChildProcessError(f"rank {rank} failed:\n{value}")

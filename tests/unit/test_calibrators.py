@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nemo_quant.quantization.calibrators import MaxCalibrator, MseCalibrator, PercentileCalibrator
+from nemo_quant.quantization.calibrators import MaxCalibrator, PercentileCalibrator
 from nemo_quant.quantization.config import QuantizerSpec
 from nemo_quant.quantization.fake_quant import fake_quant, fake_quant_ste
 from nemo_quant.quantization.tensor_quantizer import TensorQuantizer
