@@ -1,15 +1,20 @@
-"""Cross-rank synchronisation of quantizer statistics (rules in DESIGN.md).
+"""Cross-rank collectives of nemo_quant: statistics sync (rules in DESIGN.md) and agreement.
 
 Every rank calls `sync_amax` for every quantizer in the same (module) order, whatever data it
 saw, so the collectives always line up; a rank without data contributes 0 to a max.
 - DP replicas: max-reduce everything, so all replicas hold identical scales.
-- TP: max-reduce per-tensor amax and row-parallel per-output-channel weight amax; keep
-  column-parallel rows and blocks along a split dim local.
+- TP: max-reduce statistics that span the TP group (per-tensor amax, row-parallel
+  per-channel and global-block weight amax); column-parallel rows and blocks stay local.
+All helpers are no-ops in a world of one.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+
+def _multi_rank() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _groups():
@@ -29,3 +34,34 @@ def sync_amax(amax: torch.Tensor, reduce_over_tp: bool) -> torch.Tensor:
     if tp is not None and reduce_over_tp:
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=tp)
     return amax
+
+
+def tp_all_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
+    """In-place "sum" or "max" over the tensor-parallel group (identity without one)."""
+    tp, _ = _groups()
+    if tp is not None:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=tp)
+    return t
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any rank."""
+    if not _multi_rank():
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_messages(message: str | None) -> list[str | None]:
+    """Every rank's message (None = nothing to report), indexed by rank."""
+    if not _multi_rank():
+        return [message]
+    messages: list = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message)
+    return messages
+
+
+def barrier() -> None:
+    if _multi_rank():
+        dist.barrier()

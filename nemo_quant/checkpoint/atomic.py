@@ -9,26 +9,18 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch.distributed as dist
-
-
-def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+from nemo_quant.distributed import barrier
+from nemo_quant.runtime.distributed_init import is_main_rank
 
 
 @contextmanager
-def atomic_directory(target: str | Path, overwrite: bool = False, key: str = "checkpoint.path"):
+def atomic_directory(target: str | Path, overwrite: bool = False, key: str = "checkpoint.save"):
     """Yields the staging directory every rank writes into."""
     target = Path(target).expanduser().resolve()
     if target.exists() and not overwrite:
         raise FileExistsError(f"{key}={target} already exists; choose another path or allow overwriting.")
     staging = target.parent / f".{target.name}.partial"
-    if _rank() == 0:
+    if is_main_rank():
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
@@ -37,10 +29,10 @@ def atomic_directory(target: str | Path, overwrite: bool = False, key: str = "ch
         yield staging
         barrier()
     except BaseException:
-        if _rank() == 0:
+        if is_main_rank():
             shutil.rmtree(staging, ignore_errors=True)
         raise
-    if _rank() == 0:
+    if is_main_rank():
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)

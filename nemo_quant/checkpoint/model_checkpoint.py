@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nemo_quant.checkpoint.atomic import barrier, atomic_directory
+from nemo_quant.checkpoint.atomic import atomic_directory
+from nemo_quant.distributed import barrier
 from nemo_quant.models.arch import LlamaArch
 from nemo_quant.modes import mode_state, restore_modes
 from nemo_quant.runtime.distributed_init import is_main_rank

@@ -65,10 +65,10 @@ def novels() -> dict[str, str]:
     if not all((target / f"{n}.txt").is_file() for n in NOVELS):
         with tempfile.TemporaryDirectory() as tmp:
             data = read_lazyload_db(_extract(Path(tmp)) / RDATA_STEM)
-            staging = Path(tempfile.mkdtemp(dir=target.parent if target.parent.exists() else None))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=target.parent))  # same filesystem: the move is a rename
             for name in NOVELS:
                 (staging / f"{name}.txt").write_text("\n".join(data[name]), encoding="utf-8")
-            target.parent.mkdir(parents=True, exist_ok=True)
             if target.exists():
                 shutil.rmtree(target)
             shutil.move(str(staging), target)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from nemo_quant.runtime.pipeline import forward_batches, gather_vocab_logits
+from nemo_quant.runtime.pipeline import data_parallel_batches, forward_batches, gather_vocab_logits
 from nemo_quant.utils.progress import progress
 
 
@@ -37,9 +37,7 @@ def window_nll(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, vocab_size: int, batch_size: int = 1) -> PerplexityResult:
     from megatron.core import parallel_state as ps
 
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    mine = windows[dp_rank::dp]
-    batches = list(mine.split(batch_size)) if mine.shape[0] else []  # a DP rank may get no window
+    batches = data_parallel_batches(windows, batch_size)
     model.eval()
 
     def score(output: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -54,9 +52,11 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, vocab_size: int, b
         bar.update(1)
     bar.close()
 
-    owns_result = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-    totals = torch.tensor([nll_sum.item() if owns_result else 0.0, float(mine.numel() - mine.shape[0]) if owns_result else 0.0],
-                          dtype=torch.float64)
+    # One rank per DP replica (last stage, TP rank 0) contributes its sums; all get the total.
+    totals = torch.zeros(2, dtype=torch.float64)
+    if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
+        totals[0] = nll_sum
+        totals[1] = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(totals)
     total_nll, predictions = totals.tolist()

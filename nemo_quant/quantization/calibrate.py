@@ -4,10 +4,9 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from nemo_quant.distributed import sync_amax
+from nemo_quant.distributed import any_rank, gather_messages, sync_amax
 from nemo_quant.quantization.modules import QuantLinearMixin, quantizers
 
 
@@ -33,7 +32,7 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], None] | None
                     with torch.no_grad():
                         wq.collect(module.weight)
                     wq.set_amax(_finish(wq))
-        if forward_loop is not None and _any_rank(any(q.calibrating for _, q in named)):
+        if forward_loop is not None and any_rank(any(q.calibrating for _, q in named)):
             # Decided globally: under PP a stage without data quantizers still has to relay
             # activations for the stages that have them.
             _run_forward_loop_everywhere(model, forward_loop)
@@ -55,14 +54,6 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], None] | None
             q._calibrator = None
 
 
-def _any_rank(flag: bool) -> bool:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    t = torch.tensor([int(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def _run_forward_loop_everywhere(model: nn.Module, forward_loop) -> None:
     """Run the loop, then agree across all ranks on whether any rank failed.
 
@@ -78,12 +69,8 @@ def _run_forward_loop_everywhere(model: nn.Module, forward_loop) -> None:
         error = exc
     finally:
         model.train(was_training)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        messages: list = [None] * dist.get_world_size()
-        dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
-        failed = [(rank, msg) for rank, msg in enumerate(messages) if msg is not None]
-    else:
-        failed = [(0, str(error))] if error is not None else []
+    messages = gather_messages(None if error is None else f"{type(error).__name__}: {error}")
+    failed = [(rank, msg) for rank, msg in enumerate(messages) if msg is not None]
     if error is not None:
         raise error
     if failed:

@@ -146,8 +146,8 @@ def convert_model(model: nn.Module, cfg: QuantConfig) -> ConversionReport:
     for name, module in list(model.named_modules()):
         entry = next((e for t, e in registry.items() if type(module) is t), None)
         if entry is None:
-            if type(module).__name__.startswith("Quant") or isinstance(module, TensorQuantizer):
-                continue
+            if hasattr(type(module), "_nq_base") or isinstance(module, TensorQuantizer):
+                continue  # already converted, or one of our quantizers
             if _is_weight_bearing(module) and "Embedding" not in type(module).__name__:
                 report.unregistered[type(module).__name__] += 1
             continue
@@ -158,8 +158,7 @@ def convert_model(model: nn.Module, cfg: QuantConfig) -> ConversionReport:
             report.excluded.append(name)
             continue
         if entry.kind == "linear" and (cfg.weight is not None or cfg.input is not None):
-            _convert_linear(module, entry, cfg)
-            module._nq_swiglu = name.endswith("linear_fc1") and bool(getattr(module.config, "gated_linear_unit", False))
+            _convert_linear(module, entry, cfg, name)
         elif entry.kind == "attention" and cfg.kv_cache is not None:
             _convert_attention(module, entry, cfg)
         else:
@@ -168,8 +167,9 @@ def convert_model(model: nn.Module, cfg: QuantConfig) -> ConversionReport:
     return report
 
 
-def _convert_linear(module: nn.Module, entry: RegistryEntry, cfg: QuantConfig) -> None:
+def _convert_linear(module: nn.Module, entry: RegistryEntry, cfg: QuantConfig, name: str) -> None:
     base = type(module)
+    module._nq_swiglu = name.endswith("linear_fc1") and bool(getattr(module.config, "gated_linear_unit", False))
     shape = tuple(module.weight.shape)
     module.weight_quantizer = TensorQuantizer(cfg.weight, "weight", shape) if cfg.weight is not None else None
     module.input_quantizer = TensorQuantizer(cfg.input, "input") if cfg.input is not None else None
@@ -186,15 +186,11 @@ def _convert_linear(module: nn.Module, entry: RegistryEntry, cfg: QuantConfig) -
             # reduced over TP; blocks follow global column numbers (identical at any TP).
             wq.amax_tp_axis, wq.reduce_over_tp = None, True
             if not per_channel:
-                tp_rank = _tp_rank(module)
-                wq.use_global_blocks(tp_rank * module.input_size_per_partition, module.input_size)
+                from megatron.core.utils import get_pg_rank
+
+                wq.use_global_blocks(get_pg_rank(module.tp_group) * module.input_size_per_partition, module.input_size)
     _check_dynamic_blocks(module, entry, cfg)
     module.__class__ = _quant_class(base, entry.mixin)
-
-
-def _tp_rank(module: nn.Module) -> int:
-    group = getattr(module, "tp_group", None)
-    return torch.distributed.get_rank(group) if group is not None and torch.distributed.is_initialized() else 0
 
 
 def _check_dynamic_blocks(module: nn.Module, entry: RegistryEntry, cfg: QuantConfig) -> None:

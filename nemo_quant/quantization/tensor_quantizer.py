@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from nemo_quant.numerics.blocks import num_blocks, to_blocks
 from nemo_quant.quantization.calibrators import MaxCalibrator, MseCalibrator, PercentileCalibrator
-from nemo_quant.quantization.config import NO_CALIBRATION, CalibratorName, Granularity, QFormat, QuantizerSpec
+from nemo_quant.distributed import tp_all_reduce
+from nemo_quant.quantization.config import BLOCK_ONLY, NO_CALIBRATION, CalibratorName, Granularity, QFormat, QuantizerSpec
 from nemo_quant.quantization.fake_quant import fake_quant, fake_quant_ste
 
 
@@ -65,6 +65,12 @@ class TensorQuantizer(nn.Module):
         cols = torch.arange(self.block_offset, self.block_offset + local_in, device=device)
         return cols // self.spec.effective_block_size()
 
+    def _per_global_block(self, values: torch.Tensor, how: str) -> torch.Tensor:
+        """Reduce [out, local_in] values into this rank's share of the [out, global blocks] grid."""
+        ids = self._block_ids(values.shape[-1], values.device).expand_as(values)
+        grid = torch.zeros(self._amax.shape, dtype=values.dtype, device=values.device)
+        return grid.scatter_reduce_(1, ids, values, how)
+
     # -- statistics ------------------------------------------------------------------------
     def reduce_amax(self, x: torch.Tensor) -> torch.Tensor:
         shape = self._amax.shape
@@ -73,8 +79,7 @@ class TensorQuantizer(nn.Module):
         if self.per_channel:
             return x.abs().amax(dim=1, keepdim=True)
         if self._sliced(x):
-            ids = self._block_ids(x.shape[-1], x.device).expand_as(x)
-            return torch.zeros(shape, dtype=torch.float32, device=x.device).scatter_reduce_(1, ids, x.abs().float(), "amax")
+            return self._per_global_block(x.abs().float(), "amax")
         return to_blocks(x, self.spec.effective_block_size()).abs().amax(dim=-1)
 
     def _fake_quant_args(self, x: torch.Tensor, amax: torch.Tensor):
@@ -90,8 +95,7 @@ class TensorQuantizer(nn.Module):
         if self.per_channel:
             return err.sum(dim=1, keepdim=True)
         if self._sliced(x):
-            ids = self._block_ids(x.shape[-1], x.device).expand_as(x)
-            return torch.zeros(self._amax.shape, dtype=err.dtype, device=x.device).scatter_add_(1, ids, err)
+            return self._per_global_block(err, "sum")
         return to_blocks(err, self.spec.effective_block_size()).sum(dim=-1)
 
     def start_calibration(self) -> None:
@@ -100,26 +104,12 @@ class TensorQuantizer(nn.Module):
         if name == CalibratorName.percentile and per_tensor:
             self._calibrator = PercentileCalibrator(self.spec.percentile)
         elif name == CalibratorName.mse:
-            self._calibrator = MseCalibrator(self.reduce_amax, self._quant_error, per_tensor, self._tp_reducer())
+            # Statistics that span TP (row-parallel inputs are split) pick their amax from
+            # errors summed over the group, as TP=1 would.
+            self._calibrator = MseCalibrator(self.reduce_amax, self._quant_error, per_tensor,
+                                             tp_all_reduce if self.reduce_over_tp else None)
         else:  # percentile of per-channel/per-block weight statistics degenerates to max
             self._calibrator = MaxCalibrator(self.reduce_amax)
-
-    def _tp_reducer(self):
-        """All-reduce over TP for statistics that span the TP group (e.g. row-parallel
-        per-channel MSE errors, whose input dim is split); None when they are local."""
-        if not self.reduce_over_tp:
-            return None
-        from megatron.core import parallel_state as ps
-
-        if not dist.is_initialized() or not ps.model_parallel_is_initialized() or ps.get_tensor_model_parallel_world_size() == 1:
-            return None
-        group = ps.get_tensor_model_parallel_group()
-
-        def reduce(t: torch.Tensor, op: str) -> torch.Tensor:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
-            return t
-
-        return reduce
 
     @property
     def calibrating(self) -> bool:
@@ -168,7 +158,7 @@ class TensorQuantizer(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         gran = Granularity(s.granularity).value
-        if gran == "block" or QFormat(s.format).value in ("nvfp4", "mxfp4", "mxfp8", "nf4"):
+        if gran == "block" or QFormat(s.format) in BLOCK_ONLY:
             gran = f"block{s.effective_block_size()}"
         if not self.needs_calibration:
             state = "dynamic scales"

@@ -22,6 +22,16 @@ def gather_vocab_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return logits[..., :vocab_size]
 
 
+def data_parallel_batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """This DP rank's share of `windows` (every window goes to exactly one rank), in batches.
+
+    A rank may get none when there are fewer windows than replicas."""
+    from megatron.core import parallel_state as ps
+
+    mine = windows[ps.get_data_parallel_rank()::ps.get_data_parallel_world_size()]
+    return list(mine.split(batch_size)) if mine.shape[0] else []
+
+
 def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
     return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
 
