@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.setup-done
 CORPUS := $(VENV)/.corpus-done
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench bench-modelopt modelopt-venv clean
 
 setup: $(STAMP) $(CORPUS)
 
@@ -34,6 +34,20 @@ demo: setup
 bench: setup
 	$(BIN)/python benchmarks/ptq_accuracy.py
 
+# NVIDIA ModelOpt for the side-by-side benchmark only: its own virtualenv, never a dependency
+# of nemo_quant. Same torch pin (constraints.txt), HF transformers for LlamaForCausalLM.
+MO_VENV := .venv-modelopt
+$(MO_VENV)/.setup-done: constraints.txt
+	$(PYTHON) -m venv $(MO_VENV)
+	$(MO_VENV)/bin/python -m pip install --quiet --constraint constraints.txt torch==2.13.0 \
+	  nvidia-modelopt==0.47.0 'transformers>=4.56' accelerate gguf tokenizers safetensors psutil
+	touch $@
+
+modelopt-venv: $(MO_VENV)/.setup-done
+
+bench-modelopt: setup modelopt-venv
+	$(BIN)/python benchmarks/ptq_accuracy.py --modelopt $(MO_VENV)/bin/python
+
 test: setup
 	$(BIN)/python -m pytest tests -q $(PYTEST_ARGS)
 
@@ -41,4 +55,4 @@ test-fast: setup
 	$(BIN)/python -m pytest tests -q -m "not real_model" $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) outputs multirun .pytest_cache
+	rm -rf $(VENV) $(MO_VENV) outputs multirun .pytest_cache

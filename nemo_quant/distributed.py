@@ -44,6 +44,33 @@ def tp_all_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
     return t
 
 
+def dp_all_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
+    """In-place "sum" or "max" over the data-parallel group (identity without one)."""
+    _, dp = _groups()
+    if dp is not None:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=dp)
+    return t
+
+
+def dp_all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate every data-parallel rank's rows (row counts may differ, even be 0)."""
+    _, dp = _groups()
+    if dp is None:
+        return t
+    parts: list = [None] * dist.get_world_size(dp)
+    dist.all_gather_object(parts, t, group=dp)
+    return torch.cat(parts)
+
+
+def max_over_world(value: int) -> int:
+    """The largest `value` of all ranks (e.g. a pass count every rank must run)."""
+    if not _multi_rank():
+        return value
+    t = torch.tensor([value])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if `flag` is true on any rank."""
     if not _multi_rank():

@@ -52,6 +52,12 @@ def mode_state(model: nn.Module) -> list[dict]:
     return list(getattr(model, STATE_ATTR, []))
 
 
+def mode_config(model: nn.Module, name: str) -> Any | None:
+    """The typed config `name` was applied with on `model` (None if it was not)."""
+    entries = [e for e in mode_state(model) if e["name"] == name]
+    return _to_config(get_mode(name), entries[-1]["config"]) if entries else None
+
+
 def _to_config(mode: Mode, cfg: Any):
     """Accept a dataclass, a DictConfig or a plain dict; return the typed dataclass."""
     merged = OmegaConf.merge(OmegaConf.structured(mode.config_class), cfg)

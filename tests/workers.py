@@ -180,3 +180,41 @@ def failing_calibration(bad_rank: int) -> str:
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     return "no error"
+
+
+def algorithm_layout(model_path: str, tp: int, pp: int, quant_cfg: dict, calib: torch.Tensor, evals: torch.Tensor):
+    """PTQ with an algorithm at TP x PP (x DP): last-stage logits and the quantizer state that
+    the algorithm decided, gathered to TP=1's layout and named globally (PP)."""
+    import torch.distributed as dist
+
+    from nemo_quant.models.loading import load_model
+    from nemo_quant.modes import apply_modes
+    from nemo_quant.quantization.calibrate import calibrate
+    from nemo_quant.quantization.forward_loop import windows_forward_loop
+    from nemo_quant.runtime.distributed_init import ParallelLayout, init_megatron
+    from tests.quant_helpers import logits
+
+    init_megatron(ParallelLayout(tp, pp), timeout_s=120)
+    loaded = load_model(model_path)
+    apply_modes(loaded.model, [("quantize", quant_cfg)])
+    calibrate(loaded.model, windows_forward_loop(calib))
+    offset = loaded.model.decoder.layers[0].layer_number - 1
+    state = {}
+    for name, tensor in loaded.model.state_dict().items():
+        if not isinstance(tensor, torch.Tensor) or not name.startswith("decoder.layers."):
+            continue
+        if not (name.endswith("_amax") or name.endswith("pre_quant_scale") or "layernorm" in name):
+            continue
+        module = loaded.model.get_submodule(name.rsplit(".", 2 if "quantizer" in name else 1)[0])
+        axis = getattr(module, "_nq_weight_tp_axis", None)
+        if tp > 1 and axis is not None and tensor.ndim > 0 and (
+                (axis == 1 and name.endswith("pre_quant_scale")) or (axis == 0 and "weight_quantizer" in name)):
+            parts = [torch.empty_like(tensor) for _ in range(tp)]
+            dist.all_gather(parts, tensor.contiguous(), group=module.tp_group)
+            if name.endswith("linear_fc1.weight_quantizer._amax"):  # per rank [gate_r; up_r] -> [gate; up]
+                parts = [p.chunk(2)[0] for p in parts] + [p.chunk(2)[1] for p in parts]
+            tensor = torch.cat(parts, dim=0)
+        bits = name.split(".")
+        bits[2] = str(int(bits[2]) + offset)
+        state[".".join(bits)] = tensor.clone()
+    return logits(loaded.model, evals), state

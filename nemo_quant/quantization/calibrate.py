@@ -6,22 +6,26 @@ from typing import Callable
 import torch
 from torch import nn
 
-from nemo_quant.distributed import any_rank, gather_messages, sync_amax
+from nemo_quant.distributed import any_rank, sync_amax
+from nemo_quant.quantization.forward_loop import CalibrationError, run_forward_loop_everywhere
+from nemo_quant.modes import mode_config
+from nemo_quant.quantization.algorithms import run_algorithm, uses_algorithm
 from nemo_quant.quantization.modules import QuantLinearMixin, quantizers
-
-
-class CalibrationError(RuntimeError):
-    pass
 
 
 def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], None] | None) -> None:
     """Calibrate every quantizer of `model` that needs it.
 
-    Weight quantizers are calibrated from the weights themselves (no data needed); input and
-    KV quantizers from what `forward_loop(model)` pushes through them. Scales are then
+    The quantize mode's algorithm (SmoothQuant, AWQ, GPTQ) runs first and sets the scales it
+    decides. Other weight quantizers are calibrated from the weights themselves (no data
+    needed); input and KV quantizers from what `forward_loop(model)` pushes through them. Scales are then
     synchronised across ranks; a quantizer that saw no data on any rank is an error.
     """
-    named = [(n, q) for n, q in quantizers(model) if q.needs_calibration]
+    cfg = mode_config(model, "quantize")
+    done: set[int] = set()
+    if cfg is not None and uses_algorithm(cfg):
+        done = run_algorithm(model, cfg, forward_loop)
+    named = [(n, q) for n, q in quantizers(model) if q.needs_calibration and id(q) not in done]
     for _, q in named:
         q.start_calibration()
     try:
@@ -35,7 +39,7 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], None] | None
         if forward_loop is not None and any_rank(any(q.calibrating for _, q in named)):
             # Decided globally: under PP a stage without data quantizers still has to relay
             # activations for the stages that have them.
-            _run_forward_loop_everywhere(model, forward_loop)
+            run_forward_loop_everywhere(model, forward_loop)
         missing = []
         for name, q in named:
             if not q.calibrating:
@@ -52,30 +56,6 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], None] | None
     finally:
         for _, q in named:
             q._calibrator = None
-
-
-def _run_forward_loop_everywhere(model: nn.Module, forward_loop) -> None:
-    """Run the loop, then agree across all ranks on whether any rank failed.
-
-    A rank that raised still joins the agreement, so every rank leaves with an error naming
-    the failing rank instead of waiting forever in the statistics sync."""
-    was_training = model.training
-    model.eval()
-    error: BaseException | None = None
-    try:
-        with torch.no_grad():
-            forward_loop(model)
-    except Exception as exc:  # re-raised below on this rank, reported on the others
-        error = exc
-    finally:
-        model.train(was_training)
-    messages = gather_messages(None if error is None else f"{type(error).__name__}: {error}")
-    failed = [(rank, msg) for rank, msg in enumerate(messages) if msg is not None]
-    if error is not None:
-        raise error
-    if failed:
-        rank, msg = failed[0]
-        raise CalibrationError(f"calibration failed on rank {rank} ({msg}); no scales were set.")
 
 
 def _finish(q) -> torch.Tensor:

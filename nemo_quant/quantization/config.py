@@ -27,6 +27,7 @@ class CalibratorName(str, Enum):
     max = "max"
     percentile = "percentile"
     mse = "mse"
+    batch_percentile = "batch_percentile"  # a percentile of the per-batch maxima
 
 
 class Ste(str, Enum):
@@ -35,7 +36,14 @@ class Ste(str, Enum):
 
 
 class Algorithm(str, Enum):
-    max = "max"  # calibrate scales only (SmoothQuant / AWQ / GPTQ plug in here)
+    max = "max"  # calibrate scales only
+    smoothquant = "smoothquant"  # per-layer migration strength searched by output error
+    awq_lite = "awq_lite"  # activation-aware scale search
+    awq_clip = "awq_clip"  # weight clipping search (per row and block)
+    awq_full = "awq_full"  # scale search, then clipping search
+
+
+SMOOTHING = {Algorithm.smoothquant, Algorithm.awq_lite, Algorithm.awq_full}
 
 
 # Formats whose scale structure is fixed by the format itself.
@@ -61,6 +69,41 @@ class QuantizerSpec:
 
 
 @dataclass
+class SearchConfig:
+    """Grids and budgets of the SmoothQuant / AWQ searches (quant.search)."""
+
+    scale_grid: int = 20  # alpha in {0, 1/n, ..., 1}: n + 1 candidates per layer
+    clip_grid: int = 10  # clip ratios in {clip_min, ..., 1}: n + 1 candidates per block
+    clip_min: float = 0.5
+    # Every token_stride-th token of the calibration data is kept (per layer) to measure the
+    # output error of searches that quantize activations too (SmoothQuant).
+    token_stride: int = 16
+    # Memory budget of the per-layer statistics (Hessians, token samples) in GiB; layers are
+    # calibrated in groups that fit, one forward pass per group. 0 = all layers in one pass.
+    memory_gib: float = 0.0
+
+
+@dataclass
+class GptqConfig:
+    """GPTQ error compensation of the weights (quant.gptq), after the algorithm's scaling."""
+
+    enabled: bool = False
+    block_size: int = 128  # columns updated together (lazy batch updates)
+    damp: float = 0.01  # fraction of the mean Hessian diagonal added to it
+    act_order: bool = True  # quantize columns in order of decreasing Hessian diagonal
+
+
+@dataclass
+class LayerOverride:
+    """Quantizers for the linear layers whose names match `pattern` (first match wins);
+    null weight and input leave that layer in high precision."""
+
+    pattern: str = "*"
+    weight: Optional[QuantizerSpec] = None
+    input: Optional[QuantizerSpec] = None
+
+
+@dataclass
 class QuantConfig:
     name: str = "custom"
     algorithm: Algorithm = Algorithm.max
@@ -70,3 +113,8 @@ class QuantConfig:
     # fnmatch patterns over module names (e.g. "decoder.layers.0.mlp.linear_fc2"); each must
     # match at least one module. The output layer stays in high precision by default.
     exclude: list[str] = field(default_factory=lambda: ["*output_layer*"])
+    search: SearchConfig = field(default_factory=SearchConfig)
+    gptq: GptqConfig = field(default_factory=GptqConfig)
+    # Per-layer formats (auto mixed precision writes these); layers matching no override
+    # use `weight` / `input`.
+    overrides: list[LayerOverride] = field(default_factory=list)

@@ -19,13 +19,15 @@ log = logging.getLogger(__name__)
 
 def _apply(model: nn.Module, cfg: QuantConfig) -> ConversionReport:
     report = convert_model(model, cfg)
-    hits = torch.tensor(report.pattern_hits or [0], dtype=torch.int64)
+    hits = torch.tensor(report.pattern_hits + report.override_hits + [0], dtype=torch.int64)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(hits)  # under PP a pattern may match modules of another stage only
-    for i, pattern in enumerate(cfg.exclude):
+    keys = [f"quant.exclude[{i}]={p!r}" for i, p in enumerate(cfg.exclude)]
+    keys += [f"quant.overrides[{i}].pattern={o.pattern!r}" for i, o in enumerate(cfg.overrides)]
+    for i, key in enumerate(keys):
         if hits[i] == 0:
             raise ConfigError(
-                f"quant.exclude[{i}]={pattern!r} matches no quantizable module; module names look "
+                f"{key} matches no quantizable module; module names look "
                 "like 'decoder.layers.0.self_attention.linear_qkv' or 'output_layer' (fnmatch syntax)."
             )
     if sum(report.converted.values()) == 0 and is_main_rank():

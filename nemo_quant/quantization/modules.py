@@ -17,14 +17,25 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from nemo_quant.quantization.config import QuantConfig
+from nemo_quant.quantization.config import SMOOTHING, Algorithm, QuantConfig, QuantizerSpec
 from nemo_quant.quantization.tensor_quantizer import TensorQuantizer
 
 
 class QuantLinearMixin:
-    """Column-/row-parallel linear with input and weight quantizers."""
+    """Column-/row-parallel linear with input and weight quantizers.
+
+    `pre_quant_scale` (SmoothQuant / AWQ layers only) multiplies the GEMM input per channel
+    before its quantizer; the weight was divided by it, so the product is unchanged. It is
+    the rank's slice of the input dim for row-parallel layers and the whole dim otherwise.
+    `_nq_observer`, when set, sees the GEMM input first (statistics of the algorithms)."""
+
+    _nq_observer = None
 
     def _forward_impl(self, input, weight, *args, **kwargs):
+        if self._nq_observer is not None:
+            self._nq_observer(input)
+        if getattr(self, "pre_quant_scale", None) is not None:
+            input = input * self.pre_quant_scale.to(input.dtype)
         if self.input_quantizer is not None:
             input = self.input_quantizer(input)
         if self.weight_quantizer is not None:
@@ -45,6 +56,8 @@ class QuantLinearMixin:
         axis_map = {"weight": self._nq_weight_tp_axis}
         if self._nq_weight_tp_axis == 0:
             axis_map["bias"] = 0
+        if self._nq_weight_tp_axis == 1:
+            axis_map["pre_quant_scale"] = 0  # row parallel: split along the input dim
         for role in ("input_quantizer", "weight_quantizer"):
             q = getattr(self, role)
             if q is not None and q.amax_tp_axis is not None:
@@ -118,6 +131,7 @@ class ConversionReport:
     excluded: list[str] = field(default_factory=list)
     unregistered: Counter = field(default_factory=Counter)
     pattern_hits: list[int] = field(default_factory=list)
+    override_hits: list[int] = field(default_factory=list)
 
     def summary(self) -> str:
         parts = [f"quantized {sum(self.converted.values())} modules ("
@@ -142,7 +156,7 @@ def quantizers(model: nn.Module) -> list[tuple[str, TensorQuantizer]]:
 def convert_model(model: nn.Module, cfg: QuantConfig) -> ConversionReport:
     """Attach quantizers to every registered module not matched by `cfg.exclude`."""
     registry = _build_registry()
-    report = ConversionReport(pattern_hits=[0] * len(cfg.exclude))
+    report = ConversionReport(pattern_hits=[0] * len(cfg.exclude), override_hits=[0] * len(cfg.overrides))
     for name, module in list(model.named_modules()):
         entry = next((e for t, e in registry.items() if type(module) is t), None)
         if entry is None:
@@ -157,8 +171,11 @@ def convert_model(model: nn.Module, cfg: QuantConfig) -> ConversionReport:
         if hits:
             report.excluded.append(name)
             continue
-        if entry.kind == "linear" and (cfg.weight is not None or cfg.input is not None):
-            _convert_linear(module, entry, cfg, name)
+        if entry.kind == "linear":
+            weight_spec, input_spec = _linear_specs(cfg, name, report)
+            if weight_spec is None and input_spec is None:
+                continue
+            _convert_linear(module, entry, cfg, name, weight_spec, input_spec)
         elif entry.kind == "attention" and cfg.kv_cache is not None:
             _convert_attention(module, entry, cfg)
         else:
@@ -167,12 +184,25 @@ def convert_model(model: nn.Module, cfg: QuantConfig) -> ConversionReport:
     return report
 
 
-def _convert_linear(module: nn.Module, entry: RegistryEntry, cfg: QuantConfig, name: str) -> None:
+def _linear_specs(cfg: QuantConfig, name: str, report: ConversionReport):
+    """(weight spec, input spec) of a linear layer: its first matching override, else the defaults."""
+    for i, override in enumerate(cfg.overrides):
+        if fnmatch.fnmatchcase(name, override.pattern):
+            report.override_hits[i] += 1
+            return override.weight, override.input
+    return cfg.weight, cfg.input
+
+
+def _convert_linear(module: nn.Module, entry: RegistryEntry, cfg: QuantConfig, name: str,
+                    weight_spec: QuantizerSpec | None, input_spec: QuantizerSpec | None) -> None:
     base = type(module)
     module._nq_swiglu = name.endswith("linear_fc1") and bool(getattr(module.config, "gated_linear_unit", False))
     shape = tuple(module.weight.shape)
-    module.weight_quantizer = TensorQuantizer(cfg.weight, "weight", shape) if cfg.weight is not None else None
-    module.input_quantizer = TensorQuantizer(cfg.input, "input") if cfg.input is not None else None
+    module.weight_quantizer = TensorQuantizer(weight_spec, "weight", shape) if weight_spec is not None else None
+    module.input_quantizer = TensorQuantizer(input_spec, "input") if input_spec is not None else None
+    if Algorithm(cfg.algorithm) in SMOOTHING:
+        local_in = shape[1]
+        module.register_buffer("pre_quant_scale", torch.ones(local_in, dtype=torch.float32))
     module._nq_weight_tp_axis = entry.weight_tp_axis
     wq = module.weight_quantizer
     if wq is not None and wq.amax.ndim == 2:
@@ -189,11 +219,11 @@ def _convert_linear(module: nn.Module, entry: RegistryEntry, cfg: QuantConfig, n
                 from megatron.core.utils import get_pg_rank
 
                 wq.use_global_blocks(get_pg_rank(module.tp_group) * module.input_size_per_partition, module.input_size)
-    _check_dynamic_blocks(module, entry, cfg)
+    _check_dynamic_blocks(module, entry, weight_spec, input_spec)
     module.__class__ = _quant_class(base, entry.mixin)
 
 
-def _check_dynamic_blocks(module: nn.Module, entry: RegistryEntry, cfg: QuantConfig) -> None:
+def _check_dynamic_blocks(module: nn.Module, entry: RegistryEntry, weight_spec, input_spec) -> None:
     """Formats whose block scales come from each block (NVFP4, MX, NF4, block inputs) need the
     per-rank input dim of a row-parallel layer to be a multiple of the block, or blocks would
     depend on TP."""
@@ -203,8 +233,7 @@ def _check_dynamic_blocks(module: nn.Module, entry: RegistryEntry, cfg: QuantCon
     if entry.weight_tp_axis != 1:
         return
     local_in = module.input_size_per_partition
-    for role in ("weight", "input"):
-        spec = getattr(cfg, role)
+    for role, spec in (("weight", weight_spec), ("input", input_spec)):
         if spec is None or Granularity(spec.granularity) != Granularity.block:
             continue
         dynamic = QFormat(spec.format) in BLOCK_ONLY or role == "input"

@@ -52,6 +52,7 @@ class TensorQuantizer(nn.Module):
         # depend on TP (a block may straddle two ranks).
         self.block_offset = 0
         self.global_in: int | None = None
+        self.bypass = False  # set while algorithms observe the unquantized model
 
     def use_global_blocks(self, offset: int, global_in: int) -> None:
         self.block_offset, self.global_in = offset, global_in
@@ -139,6 +140,8 @@ class TensorQuantizer(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bypass:
+            return x
         if self._calibrator is not None:
             self._calibrator.collect(x)
             return x  # statistics come from unquantized values

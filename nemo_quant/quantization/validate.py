@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 from nemo_quant.config.validate import ConfigError
-from nemo_quant.quantization.config import BLOCK_ONLY, FP8, Granularity, QFormat, QuantConfig, QuantizerSpec
+from nemo_quant.quantization.config import (
+    BLOCK_ONLY, FP8, INT_BITS, SMOOTHING, Algorithm, Granularity, QFormat, QuantConfig, QuantizerSpec,
+)
 
 
 def _check_spec(spec: QuantizerSpec, key: str, role: str) -> None:
@@ -35,3 +37,41 @@ def validate_quant_config(cfg: QuantConfig, key: str = "quant") -> None:
     for i, pattern in enumerate(cfg.exclude):
         if not pattern or pattern.strip() != pattern:
             raise ConfigError(f"{key}.exclude[{i}]={pattern!r}: empty or padded pattern.")
+    weights = [(f"{key}.weight", cfg.weight)]
+    for i, override in enumerate(cfg.overrides):
+        if not override.pattern or override.pattern.strip() != override.pattern:
+            raise ConfigError(f"{key}.overrides[{i}].pattern={override.pattern!r}: empty or padded pattern.")
+        for role in ("weight", "input"):
+            spec = getattr(override, role)
+            if spec is not None:
+                _check_spec(spec, f"{key}.overrides[{i}].{role}", role)
+        weights.append((f"{key}.overrides[{i}].weight", override.weight))
+    _check_algorithm(cfg, key, [(k, w) for k, w in weights if w is not None])
+
+
+def _check_algorithm(cfg: QuantConfig, key: str, weights: list[tuple[str, QuantizerSpec]]) -> None:
+    algo = Algorithm(cfg.algorithm)
+    if (algo != Algorithm.max or cfg.gptq.enabled) and not weights:
+        raise ConfigError(f"{key}.algorithm={algo.value}: the algorithms act on weight quantizers; set {key}.weight.")
+    int_only = []
+    if algo in (Algorithm.awq_clip, Algorithm.awq_full):
+        int_only.append((f"{key}.algorithm={algo.value}", "use awq_lite for block formats whose scales come from the data"))
+    if cfg.gptq.enabled:
+        int_only.append((f"{key}.gptq.enabled=true", "disable it for this format"))
+    for what, fix in int_only:
+        for wkey, spec in weights:
+            if QFormat(spec.format) not in INT_BITS:
+                raise ConfigError(f"{what} needs INT weights, but {wkey}.format={QFormat(spec.format).value}; {fix}.")
+    s = cfg.search
+    if s.scale_grid < 1 or s.clip_grid < 1 or s.token_stride < 1:
+        raise ConfigError(f"{key}.search: scale_grid, clip_grid and token_stride must be >= 1.")
+    if not 0.0 < s.clip_min <= 1.0:
+        raise ConfigError(f"{key}.search.clip_min={s.clip_min}: must be in (0, 1].")
+    if s.memory_gib < 0:
+        raise ConfigError(f"{key}.search.memory_gib={s.memory_gib}: must be >= 0 (0 = no limit).")
+    if cfg.gptq.block_size < 1 or not 0.0 < cfg.gptq.damp < 1.0:
+        raise ConfigError(f"{key}.gptq: block_size must be >= 1 and damp in (0, 1).")
+    if algo in SMOOTHING and cfg.input is not None and Granularity(cfg.input.granularity) != Granularity.tensor \
+            and QFormat(cfg.input.format) not in BLOCK_ONLY:
+        raise ConfigError(f"{key}.algorithm={algo.value} with {key}.input.granularity=block: smoothing searches "
+                          "assume per-tensor INT/FP8 inputs; use granularity=tensor.")

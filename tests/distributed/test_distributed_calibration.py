@@ -45,6 +45,44 @@ def test_layouts_calibrate_like_tp1(tiny_dir, tp1, tp, pp, world):
             _assert_logits_match(out, ref_logits, exact=tp == 1)
 
 
+SQ = {"name": "sq", "algorithm": "smoothquant", "weight": {"format": "int8", "granularity": "channel"},
+      "input": {"format": "int8"}, "search": {"token_stride": 2}}
+AWQ = {"name": "awq", "algorithm": "awq_full", "weight": {"format": "int4", "granularity": "block", "block_size": 32},
+       "search": {"token_stride": 2}}
+# GPTQ feeds each rounding decision into the next columns, so the last-bit differences of
+# TP's fp32 GEMMs (fc1 at TP=2 multiplies a different shape) can flip a rounding and then
+# move later columns: its scales and pre-quant scales equal TP=1's, its weights need not.
+AWQ_GPTQ = {**AWQ, "name": "awq_gptq", "gptq": {"enabled": True, "block_size": 32}}
+
+
+@pytest.fixture(scope="module")
+def algorithm_tp1(tiny_dir):
+    return {name: run_distributed(workers.algorithm_layout, 1, str(tiny_dir / "hf"), 1, 1, cfg, CALIB, EVALS)[0]
+            for name, cfg in (("sq", SQ), ("awq", AWQ), ("awq_gptq", AWQ_GPTQ))}
+
+
+LAYOUTS = {"tp2": (2, 1, 2), "pp2": (1, 2, 2), "tp2xdp2": (2, 1, 4)}
+
+
+@pytest.mark.parametrize("algo,layout", [(a, lay) for a in ("sq", "awq") for lay in LAYOUTS] + [("awq_gptq", "tp2")])
+def test_algorithms_decide_like_tp1(tiny_dir, algorithm_tp1, algo, layout):
+    """SmoothQuant / AWQ(+clip, +GPTQ) scale searches agree across TP, PP and DP: pre-quant
+    scales, folded norms and every amax, gathered, equal TP=1's."""
+    ref_logits, ref_state = algorithm_tp1[algo]
+    tp, pp, world = LAYOUTS[layout]
+    cfg = {"sq": SQ, "awq": AWQ, "awq_gptq": AWQ_GPTQ}[algo]
+    outs = run_distributed(workers.algorithm_layout, world, str(tiny_dir / "hf"), tp, pp, cfg, CALIB, EVALS, timeout_s=300)
+    seen = set()
+    for out, state in outs:
+        for name, value in state.items():
+            torch.testing.assert_close(value, ref_state[name], rtol=1e-4, atol=1e-6, msg=name)
+            seen.add(name)
+        if out is not None and algo != "awq_gptq":
+            _assert_logits_match(out, ref_logits, exact=False)
+    assert seen == set(ref_state)
+    assert any(n.endswith("pre_quant_scale") and not torch.equal(v, torch.ones_like(v)) for n, v in ref_state.items())
+
+
 def test_empty_rank_does_not_hang(tiny_dir):
     one = CALIB[:1]  # DP=2 with one window: rank 1 sees no data
     ref, = run_distributed(workers.calibrate_layout, 1, str(tiny_dir / "hf"), 1, 1, INT8_KV, one, EVALS)

@@ -1,0 +1,46 @@
+"""GPTQ: quantize weight columns one by one, pushing each column's rounding error onto the
+columns not yet quantized through the inverse Hessian of the layer's inputs.
+
+Scales are fixed before GPTQ starts (max or AWQ-clipped amax, "static groups"), so activation
+ordering cannot change which scale a column uses and the quantizer in the model reproduces
+the GPTQ result exactly: the weight is replaced by its dequantized values, which round to
+themselves. Columns are processed in blocks (lazy batch updates, as in the paper); a column
+whose input never fired gets weight 0; `damp` times the mean diagonal regularises H.
+"""
+from __future__ import annotations
+
+import torch
+
+from nemo_quant.numerics.integer import fake_quant_int
+from nemo_quant.quantization.config import GptqConfig
+
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, amax_per_column: torch.Tensor, bits: int,
+                  cfg: GptqConfig) -> torch.Tensor:
+    """Dequantized INT-`bits` weights [rows, cols] for `w`, given X^T X and every element's amax."""
+    w = w.double().clone()
+    h = hessian.double().clone()
+    amax = amax_per_column.double()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if cfg.act_order else torch.arange(w.shape[1])
+    w, h, amax = w[:, perm], h[perm][:, perm], amax[:, perm]
+    h += cfg.damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    # Upper Cholesky factor of H^-1: row i holds how column i's error spreads to columns > i.
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q = torch.zeros_like(w)
+    cols = w.shape[1]
+    for start in range(0, cols, cfg.block_size):
+        end = min(start + cfg.block_size, cols)
+        block, u_block = w[:, start:end].clone(), u[start:end, start:end]
+        errors = torch.zeros_like(block)
+        for i in range(end - start):
+            col = block[:, i]
+            qcol = fake_quant_int(col, amax[:, start + i], bits)
+            q[:, start + i] = qcol
+            err = (col - qcol) / u_block[i, i]
+            block[:, i:] -= err.unsqueeze(1) * u_block[i, i:].unsqueeze(0)
+            errors[:, i] = err
+        w[:, end:] -= errors @ u[start:end, end:]
+    return q[:, torch.argsort(perm)].float()
