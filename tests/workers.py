@@ -218,3 +218,19 @@ def algorithm_layout(model_path: str, tp: int, pp: int, quant_cfg: dict, calib: 
         bits[2] = str(int(bits[2]) + offset)
         state[".".join(bits)] = tensor.clone()
     return logits(loaded.model, evals), state
+
+
+def batch_percentile_amax(batches_per_rank: list[list[float]], percentile: float) -> float:
+    """Each DP rank feeds its own batches (given as their maxima) to a batch_percentile input quantizer."""
+    import torch.distributed as dist
+
+    from nemo_quant.quantization.config import QuantizerSpec
+    from nemo_quant.quantization.tensor_quantizer import TensorQuantizer
+    from nemo_quant.runtime.distributed_init import ParallelLayout, init_megatron
+
+    init_megatron(ParallelLayout(1, 1), timeout_s=60)
+    q = TensorQuantizer(QuantizerSpec(format="int8", calibrator="batch_percentile", percentile=percentile), "input")
+    q.start_calibration()
+    for peak in batches_per_rank[dist.get_rank()]:
+        q(torch.tensor([0.5, -peak, 0.25]))
+    return float(q.local_amax())

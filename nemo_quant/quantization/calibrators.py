@@ -4,6 +4,7 @@
 - max: running maximum of those maxima.
 - percentile (per-tensor): the given percentile of |x| over everything seen, from a
   2048-bin histogram that is re-binned when the range grows.
+- batch_percentile: the given percentile of the per-batch maxima.
 - mse: the amax (a fraction of the max) with the least fake-quant squared error; per-tensor
   from the histogram, per-channel/per-block directly on the last tensor (weights).
 """
@@ -28,6 +29,33 @@ class MaxCalibrator:
 
     def compute_amax(self) -> torch.Tensor | None:
         return self.amax
+
+
+class BatchPercentileCalibrator:
+    """amax = the given percentile of the per-batch maxima (each forward call is one batch).
+
+    One outlier batch then cannot set the range (the "percentile quant" of diffusion PTQ,
+    over calibration steps). Under TP the per-batch maxima of split statistics are reduced
+    first; under DP every rank's maxima join one pool, so all ranks compute the same amax."""
+
+    def __init__(self, reduce_amax: Callable[[torch.Tensor], torch.Tensor], percentile: float,
+                 tp_reduce: Callable[[torch.Tensor, str], torch.Tensor] | None,
+                 gather_rows: Callable[[torch.Tensor], torch.Tensor]):
+        self.reduce_amax, self.percentile = reduce_amax, percentile
+        self.tp_reduce, self.gather_rows = tp_reduce or (lambda t, op: t), gather_rows
+        self.maxima: list[torch.Tensor] = []
+
+    def collect(self, x: torch.Tensor) -> None:
+        self.maxima.append(self.reduce_amax(x.detach()).float())
+
+    def compute_amax(self) -> torch.Tensor | None:
+        local = torch.stack(self.maxima) if self.maxima else torch.zeros(0)
+        if self.maxima:
+            local = self.tp_reduce(local, "max")
+        pooled = self.gather_rows(local)
+        if pooled.numel() == 0:
+            return None
+        return torch.quantile(pooled.reshape(pooled.shape[0], -1), self.percentile / 100.0, dim=0).reshape(pooled.shape[1:])
 
 
 class _Histogram:

@@ -104,6 +104,16 @@ class LayerOverride:
 
 
 @dataclass
+class AutoConfig:
+    """Auto mixed precision (quant.auto): per-layer formats within an effective-bits budget."""
+
+    formats: list[str] = field(default_factory=lambda: ["nvfp4", "fp8"])  # presets; bf16 is implicit
+    effective_bits: float = 6.0  # stored bits per weight of the quantizable layers, scales included
+    score_windows: int = 8  # calibration windows used for the sensitivity pass
+    plan_path: Optional[str] = None  # where the plan is written (default: the run's output dir)
+
+
+@dataclass
 class QuantConfig:
     name: str = "custom"
     algorithm: Algorithm = Algorithm.max
@@ -118,3 +128,4 @@ class QuantConfig:
     # Per-layer formats (auto mixed precision writes these); layers matching no override
     # use `weight` / `input`.
     overrides: list[LayerOverride] = field(default_factory=list)
+    auto: Optional[AutoConfig] = None

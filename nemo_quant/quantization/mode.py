@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 
 
 def _apply(model: nn.Module, cfg: QuantConfig) -> ConversionReport:
+    if cfg.auto is not None:
+        raise ConfigError("quant.auto is a search, not a format: run nemo_quant.quantization.mixed_precision.auto_plan "
+                          "(nemo-quant ptq does) and apply the plan it returns.")
     report = convert_model(model, cfg)
     hits = torch.tensor(report.pattern_hits + report.override_hits + [0], dtype=torch.int64)
     if dist.is_initialized() and dist.get_world_size() > 1:

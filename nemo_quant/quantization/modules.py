@@ -11,6 +11,7 @@ Modules of unregistered types are left alone and reported.
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -149,6 +150,19 @@ def _is_weight_bearing(module: nn.Module) -> bool:
     return isinstance(w, torch.Tensor) and w.ndim == 2
 
 
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def global_name(model: nn.Module, name: str) -> str:
+    """Module name with the decoder layer index counted over the whole pipeline, so patterns
+    and per-layer plans mean the same layers at any PP layout."""
+    layers = getattr(getattr(model, "decoder", None), "layers", None)
+    if not layers or not hasattr(layers[0], "layer_number"):
+        return name
+    offset = layers[0].layer_number - 1
+    return _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", name)
+
+
 def quantizers(model: nn.Module) -> list[tuple[str, TensorQuantizer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, TensorQuantizer)]
 
@@ -157,7 +171,8 @@ def convert_model(model: nn.Module, cfg: QuantConfig) -> ConversionReport:
     """Attach quantizers to every registered module not matched by `cfg.exclude`."""
     registry = _build_registry()
     report = ConversionReport(pattern_hits=[0] * len(cfg.exclude), override_hits=[0] * len(cfg.overrides))
-    for name, module in list(model.named_modules()):
+    for local_name, module in list(model.named_modules()):
+        name = global_name(model, local_name)
         entry = next((e for t, e in registry.items() if type(module) is t), None)
         if entry is None:
             if hasattr(type(module), "_nq_base") or isinstance(module, TensorQuantizer):

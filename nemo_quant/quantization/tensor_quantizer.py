@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from nemo_quant.numerics.blocks import num_blocks, to_blocks
-from nemo_quant.quantization.calibrators import MaxCalibrator, MseCalibrator, PercentileCalibrator
-from nemo_quant.distributed import tp_all_reduce
+from nemo_quant.distributed import dp_all_gather_rows, tp_all_reduce
+from nemo_quant.quantization.calibrators import BatchPercentileCalibrator, MaxCalibrator, MseCalibrator, PercentileCalibrator
 from nemo_quant.quantization.config import BLOCK_ONLY, NO_CALIBRATION, CalibratorName, Granularity, QFormat, QuantizerSpec
 from nemo_quant.quantization.fake_quant import fake_quant, fake_quant_ste
 
@@ -102,7 +102,10 @@ class TensorQuantizer(nn.Module):
     def start_calibration(self) -> None:
         name = CalibratorName(self.spec.calibrator)
         per_tensor = len(self._amax.shape) == 0
-        if name == CalibratorName.percentile and per_tensor:
+        if name == CalibratorName.batch_percentile:
+            self._calibrator = BatchPercentileCalibrator(self.reduce_amax, self.spec.percentile,
+                                                         tp_all_reduce if self.reduce_over_tp else None, dp_all_gather_rows)
+        elif name == CalibratorName.percentile and per_tensor:
             self._calibrator = PercentileCalibrator(self.spec.percentile)
         elif name == CalibratorName.mse:
             # Statistics that span TP (row-parallel inputs are split) pick their amax from

@@ -28,7 +28,9 @@ def _check_spec(spec: QuantizerSpec, key: str, role: str) -> None:
 
 
 def validate_quant_config(cfg: QuantConfig, key: str = "quant") -> None:
-    if cfg.weight is None and cfg.input is None and cfg.kv_cache is None:
+    if cfg.auto is not None:
+        _check_auto(cfg, key)
+    elif cfg.weight is None and cfg.input is None and cfg.kv_cache is None and not cfg.overrides:
         raise ConfigError(f"{key}: weight, input and kv_cache are all null; pick a preset (quant=fp8, quant=int4_awq, ...).")
     for role in ("weight", "input", "kv_cache"):
         spec = getattr(cfg, role)
@@ -75,3 +77,28 @@ def _check_algorithm(cfg: QuantConfig, key: str, weights: list[tuple[str, Quanti
             and QFormat(cfg.input.format) not in BLOCK_ONLY:
         raise ConfigError(f"{key}.algorithm={algo.value} with {key}.input.granularity=block: smoothing searches "
                           "assume per-tensor INT/FP8 inputs; use granularity=tensor.")
+
+
+def _check_auto(cfg: QuantConfig, key: str) -> None:
+    from nemo_quant.quantization.mixed_precision import load_preset, weight_bits
+
+    auto = cfg.auto
+    if not auto.formats:
+        raise ConfigError(f"{key}.auto.formats is empty; list presets such as [nvfp4, fp8].")
+    smallest = 16.0
+    for i, name in enumerate(auto.formats):
+        try:
+            preset = load_preset(name)
+        except FileNotFoundError:
+            raise ConfigError(f"{key}.auto.formats[{i}]={name!r}: no such preset in conf/quant.") from None
+        if preset.weight is None:
+            raise ConfigError(f"{key}.auto.formats[{i}]={name!r} quantizes no weights; pick a weight format preset.")
+        smallest = min(smallest, weight_bits(preset.weight))
+    if not smallest <= auto.effective_bits <= 16.0:
+        raise ConfigError(f"{key}.auto.effective_bits={auto.effective_bits}: must lie in [{smallest:.3f}, 16] "
+                          "(the smallest listed format .. high precision).")
+    if auto.score_windows < 1:
+        raise ConfigError(f"{key}.auto.score_windows={auto.score_windows}: must be >= 1.")
+    if cfg.weight is not None or cfg.input is not None or cfg.overrides:
+        raise ConfigError(f"{key}.auto is set together with {key}.weight/input/overrides; the plan decides them, "
+                          "set those to null.")

@@ -90,7 +90,7 @@ def _sync_grads(model: nn.Module) -> None:
             p.grad /= dp
 
 
-def _forward_backward(model: nn.Module, batch: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
+def forward_backward(model: nn.Module, batch: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
     """One step's forward and backward through Megatron's schedule (pipelined when PP > 1).
 
     Returns the mean loss of this DP rank's batch on every rank of its pipeline."""
@@ -139,7 +139,7 @@ def train(model: nn.Module, arch: LlamaArch, optimizer: torch.optim.Optimizer, w
         i = state.step % batches_per_epoch
         batch = windows[i * per_step:(i + 1) * per_step][dp_rank::dp]
         optimizer.zero_grad(set_to_none=True)
-        loss = _forward_backward(model, batch, micro_batch_size)
+        loss = forward_backward(model, batch, micro_batch_size)
         _sync_grads(model)
         optimizer.step()
         if dp > 1:

@@ -91,3 +91,26 @@ def test_global_blocks_on_a_column_slice_match_the_full_weight(calibrator):
     for r, q in enumerate(halves):
         q.set_amax(full.amax)
         assert torch.equal(q(w[:, 48 * r:48 * (r + 1)]), full(w)[:, 48 * r:48 * (r + 1)])
+
+
+def test_batch_percentile_ignores_one_outlier_batch():
+    from nemo_quant.quantization.calibrators import BatchPercentileCalibrator
+
+    c = BatchPercentileCalibrator(lambda x: x.abs().amax(), 90.0, None, lambda t: t)
+    peaks = [float(i) for i in range(1, 101)]
+    peaks[37] = 1e4  # one batch with a huge activation
+    for p in peaks:
+        c.collect(torch.tensor([p, -0.5 * p]))
+    expected = torch.quantile(torch.tensor(peaks), 0.9).item()
+    assert c.compute_amax().item() == pytest.approx(expected) and expected < 100
+
+
+@pytest.mark.distributed
+def test_batch_percentile_pools_data_parallel_ranks():
+    from nemo_quant.runtime.spawn import run_distributed
+    from tests import workers
+
+    shards = [[1.0, 2.0, 50.0], [3.0, 4.0]]  # DP ranks see different numbers of batches
+    amax = run_distributed(workers.batch_percentile_amax, 2, shards, 50.0, timeout_s=120)
+    expected = torch.quantile(torch.tensor([1.0, 2.0, 50.0, 3.0, 4.0]), 0.5).item()
+    assert amax == [pytest.approx(expected)] * 2

@@ -11,6 +11,29 @@ from nemo_quant.cli.commands.common import (
 )
 
 
+def _auto_plan(cfg: DictConfig, model, calib, qcfg):
+    """Auto mixed precision: choose per-layer formats, write the plan as a quant preset."""
+    from pathlib import Path
+
+    from nemo_quant.quantization.mixed_precision import auto_plan, write_plan
+    from nemo_quant.runtime.distributed_init import is_main_rank
+
+    plan, summary = auto_plan(model, calib, qcfg, cfg.data.batch_size)
+    path = Path(qcfg.auto.plan_path or Path(_run_dir()) / "quant_plan.yaml")
+    if is_main_rank():
+        write_plan(plan, path)
+        shares = ", ".join(f"{k[6:]} {v:.0%}" for k, v in summary.items() if k.startswith("share_"))
+        print(f"[nemo_quant] auto mixed precision: {summary['effective_bits']:.3f} effective bits ({shares}); "
+              f"plan written to {path.resolve()} (use it with --config-dir and quant={path.stem})", flush=True)
+    return plan
+
+
+def _run_dir() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else "."
+
+
 def run_ptq(cfg: DictConfig) -> None:
     from nemo_quant.data.datasets import calibration_windows, evaluation_windows
     from nemo_quant.eval.perplexity import perplexity
@@ -26,6 +49,8 @@ def run_ptq(cfg: DictConfig) -> None:
         before = perplexity(loaded.model, evals, loaded.vocab_size, cfg.data.batch_size).perplexity
 
         start = time.perf_counter()
+        if qcfg.auto is not None:
+            qcfg = _auto_plan(cfg, loaded.model, calib, qcfg)
         apply_modes(loaded.model, [("quantize", qcfg)])
         calibrate(loaded.model, windows_forward_loop(calib, cfg.data.batch_size))
         calib_s = time.perf_counter() - start
