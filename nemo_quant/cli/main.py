@@ -24,6 +24,26 @@ def hydra_entry(cfg: DictConfig) -> None:
     COMMANDS[cfg.command](cfg)
 
 
+# Hydra flags that take a value; argparse wants flags before the positional overrides.
+_VALUE_FLAGS = {"--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--cfg", "-c", "--package", "-p",
+                "--experimental-rerun", "--info", "-i"}
+
+
+def _flags_first(args: list[str]) -> list[str]:
+    flags, overrides, i = [], [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("-"):
+            flags.append(arg)
+            if arg in _VALUE_FLAGS and i + 1 < len(args) and "=" not in args[i + 1] and not args[i + 1].startswith("-"):
+                flags.append(args[i + 1])
+                i += 1
+        else:
+            overrides.append(arg)
+        i += 1
+    return flags + overrides
+
+
 def main() -> None:
     args = sys.argv[1:]
     if args and not args[0].startswith("-") and "=" not in args[0]:
@@ -31,7 +51,7 @@ def main() -> None:
         if command not in Command.__members__:
             sys.exit(f"nemo-quant: unknown command {command!r}; choose one of {', '.join(Command.__members__)}")
         args.insert(0, f"command={command}")
-    sys.argv = [sys.argv[0], *args]
+    sys.argv = [sys.argv[0], *_flags_first(args)]
     hydra_entry()
 
 

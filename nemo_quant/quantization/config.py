@@ -110,7 +110,7 @@ class AutoConfig:
     formats: list[str] = field(default_factory=lambda: ["nvfp4", "fp8"])  # presets; bf16 is implicit
     effective_bits: float = 6.0  # stored bits per weight of the quantizable layers, scales included
     score_windows: int = 8  # calibration windows used for the sensitivity pass
-    plan_path: Optional[str] = None  # where the plan is written (default: the run's output dir)
+    plan_path: Optional[str] = None  # where the plan is written (default: <run dir>/quant/auto_plan.yaml)
 
 
 @dataclass

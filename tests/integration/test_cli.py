@@ -107,6 +107,22 @@ def test_ptq_under_torchrun_tp2_and_dp2_matches_tp1(tiny_dir, text_files, tmp_pa
         assert _quant_perplexity(run.stdout, "int8_weight_only") == pytest.approx(ref, rel=1e-4), layout
 
 
+def test_auto_mixed_precision_plan_is_reusable(tiny_dir, text_files, tmp_path):
+    """`ptq quant=auto` writes its plan as a quant preset; a second run that loads the plan
+    through --config-dir quantizes identically (same perplexity)."""
+    base = ["ptq", f"model.path={tiny_dir / 'tiny.gguf'}", "model.name=tiny", "data=files",
+            f"data.eval_files=[{text_files / 'eval.txt'}]", f"data.calib_files=[{text_files / 'calib.jsonl'}]",
+            "data.seq_length=16", "data.eval_samples=2", "data.calib_samples=4"]
+    cli = [sys.executable, "-m", "nemo_quant.cli.main"]
+    auto = _run([*cli, *base, "quant=auto", "quant.auto.score_windows=2", f"hydra.run.dir={tmp_path / 'r1'}"])
+    assert auto.returncode == 0, auto.stderr[-3000:]
+    plan = tmp_path / "r1" / "quant" / "auto_plan.yaml"
+    assert plan.is_file() and "effective bits" in auto.stdout
+    again = _run([*cli, *base, "--config-dir", str(tmp_path / "r1"), "quant=auto_plan", f"hydra.run.dir={tmp_path / 'r2'}"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _quant_perplexity(again.stdout, "auto_6bits") == pytest.approx(_quant_perplexity(auto.stdout, "auto_6bits"), rel=1e-6)
+
+
 def test_cfg_job_prints_the_composed_config():
     result = _run([sys.executable, "-m", "nemo_quant.cli.main", "ptq", "quant=fp8", "+quant/kv_cache=fp8", "--cfg", "job"])
     assert result.returncode == 0, result.stderr[-2000:]

@@ -19,12 +19,13 @@ def _auto_plan(cfg: DictConfig, model, calib, qcfg):
     from nemo_quant.runtime.distributed_init import is_main_rank
 
     plan, summary = auto_plan(model, calib, qcfg, cfg.data.batch_size)
-    path = Path(qcfg.auto.plan_path or Path(_run_dir()) / "quant_plan.yaml")
+    path = Path(qcfg.auto.plan_path or Path(_run_dir()) / "quant" / "auto_plan.yaml")
     if is_main_rank():
         write_plan(plan, path)
         shares = ", ".join(f"{k[6:]} {v:.0%}" for k, v in summary.items() if k.startswith("share_"))
         print(f"[nemo_quant] auto mixed precision: {summary['effective_bits']:.3f} effective bits ({shares}); "
-              f"plan written to {path.resolve()} (use it with --config-dir and quant={path.stem})", flush=True)
+              f"plan written to {path.resolve()} (reuse: --config-dir {path.resolve().parent.parent} quant={path.stem})",
+              flush=True)
     return plan
 
 
