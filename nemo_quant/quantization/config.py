@@ -72,7 +72,7 @@ class QuantizerSpec:
 class SearchConfig:
     """Grids and budgets of the SmoothQuant / AWQ searches (quant.search)."""
 
-    scale_grid: int = 20  # alpha in {0, 1/n, ..., 1}: n + 1 candidates per layer
+    scale_grid: int = 10  # alpha in {0, 1/n, ..., 1}: n + 1 candidates per layer (plus "no scaling")
     clip_grid: int = 10  # clip ratios in {clip_min, ..., 1}: n + 1 candidates per block
     clip_min: float = 0.5
     # Every token_stride-th token of the calibration data is kept (per layer) to measure the

@@ -12,18 +12,22 @@ IN, OUT = 80, 48  # 80 = two blocks of 32 and a ragged one of 16
 
 
 class OneLinear(nn.Module):
-    """A bare Megatron ColumnParallelLinear ([seq, batch, in] -> [seq, batch, out])."""
+    """A bare Megatron Column- or RowParallelLinear ([seq, batch, in] -> [seq, batch, out])."""
 
-    def __init__(self, seed: int, in_features: int = IN, out_features: int = OUT):
+    def __init__(self, seed: int, in_features: int = IN, out_features: int = OUT, row: bool = False):
         super().__init__()
-        from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
         from megatron.core.transformer.transformer_config import TransformerConfig
 
         cfg = TransformerConfig(num_layers=1, hidden_size=in_features, num_attention_heads=1, use_cpu_initialization=True,
                                 add_bias_linear=False, gradient_accumulation_fusion=False)
         torch.manual_seed(seed)
-        self.linear = ColumnParallelLinear(in_features, out_features, config=cfg, init_method=nn.init.normal_, bias=False,
-                                           gather_output=False)
+        if row:
+            self.linear = RowParallelLinear(in_features, out_features, config=cfg, init_method=nn.init.normal_, bias=False,
+                                            input_is_parallel=True, skip_bias_add=False)
+        else:
+            self.linear = ColumnParallelLinear(in_features, out_features, config=cfg, init_method=nn.init.normal_,
+                                               bias=False, gather_output=False)
 
     def forward(self, x):
         return self.linear(x)[0]
@@ -106,13 +110,14 @@ def test_gptq_lowers_output_error_vs_round_to_nearest(megatron_tp1, seed):
     torch.testing.assert_close(wq.amax, rtn.linear.weight_quantizer.amax)
 
 
-def test_awq_then_gptq_beats_each_alone(megatron_tp1):
+@pytest.mark.parametrize("row", [False, True], ids=["column", "row"])
+def test_awq_then_gptq_beats_each_alone(megatron_tp1, row):
     mix = torch.randn(IN, IN, generator=torch.Generator().manual_seed(7)) * 0.3 + torch.eye(IN)
     calib, test = [_inputs(4, salient=3, tokens=1024) @ mix], _inputs(5, salient=3, tokens=1024) @ mix
     errors = {}
     for name, cfg in {"rtn": {"algorithm": "max"}, "awq": {"algorithm": "awq_full"},
                       "awq+gptq": {"algorithm": "awq_full", "gptq": {"enabled": True}}}.items():
-        model, ref = _quantized(0, {**W4_B32, **cfg}, calib)
+        model, ref = _quantized(0, {**W4_B32, **cfg}, calib, row=row)
         errors[name] = _error(model, ref, test)
     assert errors["awq+gptq"] < errors["awq"] < errors["rtn"]
 

@@ -82,9 +82,8 @@ def _process_layer(model: nn.Module, name: str, module: nn.Module, obs: LinearOb
     if cfg.gptq.enabled:
         if amax is None:
             amax = view.weight_amax(view.weight)
-        hessian = obs.hessian * scale.unsqueeze(1) * scale.unsqueeze(0)
         bits = INT_BITS[QFormat(view.wspec.format)]
-        view.write_weight(gptq_quantize(view.weight, hessian, view.amax_per_column(amax), bits, cfg.gptq))
+        view.write_weight(gptq_quantize(view.weight, obs.hessian, view.amax_per_column(amax), bits, cfg.gptq, scale))
     if amax is not None:
         module.weight_quantizer.set_amax(amax)
         done.add(id(module.weight_quantizer))

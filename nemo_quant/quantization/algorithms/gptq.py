@@ -16,17 +16,25 @@ from nemo_quant.quantization.config import GptqConfig
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, amax_per_column: torch.Tensor, bits: int,
-                  cfg: GptqConfig) -> torch.Tensor:
-    """Dequantized INT-`bits` weights [rows, cols] for `w`, given X^T X and every element's amax."""
+                  cfg: GptqConfig, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantized INT-`bits` weights [rows, cols] for `w`, given X^T X and every element's amax.
+
+    With a pre-quant scale p (the layer computes (x * p) @ w^T, w already divided by p), the
+    problem is solved in the scaled basis, H' = diag(p) H diag(p), but damped in the original
+    one: damping H' directly would shrink the regulariser of a channel by p^2, and AWQ gives
+    rarely active channels large p, where GPTQ would then park its error for free."""
     w = w.double().clone()
     h = hessian.double().clone()
     amax = amax_per_column.double()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
+    h += cfg.damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    if input_scale is not None:
+        p = input_scale.double()
+        h = h * p.unsqueeze(1) * p.unsqueeze(0)
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if cfg.act_order else torch.arange(w.shape[1])
     w, h, amax = w[:, perm], h[perm][:, perm], amax[:, perm]
-    h += cfg.damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
     # Upper Cholesky factor of H^-1: row i holds how column i's error spreads to columns > i.
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     q = torch.zeros_like(w)

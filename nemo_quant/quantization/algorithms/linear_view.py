@@ -23,8 +23,9 @@ class LinearView:
         self.name, self.module = name, module
         self.row_parallel = is_row_parallel(module)
         self.tp = tp_size_of(module)
-        local = module.weight.detach().float()
-        self.weight = gather_input_dim(module, local) if self.row_parallel else local.clone()
+        # A copy: the view must not alias the parameter it later writes back into.
+        local = module.weight.detach().float().clone()
+        self.weight = gather_input_dim(module, local) if self.row_parallel else local
         self.wspec: QuantizerSpec | None = module.weight_quantizer.spec if module.weight_quantizer is not None else None
         iq = module.input_quantizer
         self.ispec: QuantizerSpec | None = iq.spec if iq is not None else None
