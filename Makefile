@@ -6,6 +6,7 @@ PIP    := $(BIN)/python -m pip install --quiet --constraint constraints.txt
 STAMP  := $(VENV)/.setup-done
 CORPUS := $(VENV)/.corpus-done
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: setup demo test test-fast bench bench-modelopt modelopt-venv clean
 
@@ -46,7 +47,7 @@ $(MO_VENV)/.setup-done: constraints.txt
 modelopt-venv: $(MO_VENV)/.setup-done
 
 bench-modelopt: setup modelopt-venv
-	$(BIN)/python benchmarks/ptq_accuracy.py --modelopt $(MO_VENV)/bin/python
+	$(BIN)/python benchmarks/ptq_accuracy.py --modelopt $(MO_VENV)/bin/python $(BENCH_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest tests -q $(PYTEST_ARGS)
