@@ -83,6 +83,15 @@ def test_algorithms_decide_like_tp1(tiny_dir, algorithm_tp1, algo, layout):
     assert any(n.endswith("pre_quant_scale") and not torch.equal(v, torch.ones_like(v)) for n, v in ref_state.items())
 
 
+def test_smoothed_checkpoint_reshards(tiny_dir, tmp_path):
+    """Pre-quant scales (split along the input dim of row-parallel layers) and folded norms
+    survive a dist checkpoint written at TP=2 and loaded at TP=1."""
+    path, ckpt = str(tiny_dir / "hf"), str(tmp_path / "ckpt")
+    saved = run_distributed(workers.calibrate_layout, 2, path, 2, 1, SQ, CALIB, EVALS, ckpt)
+    loaded, = run_distributed(workers.restored_logits, 1, ckpt, 1, EVALS)
+    torch.testing.assert_close(loaded, saved[0][0], rtol=1e-5, atol=1e-5)
+
+
 def test_empty_rank_does_not_hang(tiny_dir):
     one = CALIB[:1]  # DP=2 with one window: rank 1 sees no data
     ref, = run_distributed(workers.calibrate_layout, 1, str(tiny_dir / "hf"), 1, 1, INT8_KV, one, EVALS)
