@@ -97,39 +97,50 @@ def run_ours(names: list[str], calib, evals, loaded, kv_cache: str | None) -> li
 
 
 def run_modelopt(python: str, names: list[str], calib, evals, gguf: Path) -> dict[str, dict]:
-    """ModelOpt's counterparts of `names`, keyed by our run label (baseline under "baseline")."""
+    """ModelOpt's counterparts of `names`, keyed by config name (baseline under "baseline").
+
+    Each ModelOpt config runs once even when several of our runs compare against it; its
+    lines are appended to results/modelopt_side.jsonl as they arrive (long runs keep what
+    finished)."""
     from safetensors.torch import save_file
 
-    specs = [f"{n}={RUNS[n][2]}" for n in names if RUNS[n][2]]
-    with tempfile.TemporaryDirectory() as tmp:
+    configs = list(dict.fromkeys(RUNS[n][2] for n in names if RUNS[n][2]))
+    RESULTS.mkdir(exist_ok=True)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp, open(RESULTS / "modelopt_side.jsonl", "a") as log:
         tokens = Path(tmp) / "tokens.safetensors"
         save_file({"calibration": calib.contiguous(), "evaluation": evals.contiguous()}, str(tokens))
         script = Path(__file__).parent / "modelopt_side.py"
-        proc = subprocess.run([python, str(script), str(tokens), str(gguf), *specs], capture_output=True, text=True)
-    results = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("{"):
-            entry = json.loads(line)
-            results[entry["run"]] = entry
-    if proc.returncode != 0:
-        results["_failure"] = {"error": proc.stderr[-2000:]}
+        proc = subprocess.Popen([python, str(script), str(tokens), str(gguf), *(f"{c}={c}" for c in configs)],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        for line in proc.stdout:
+            if line.startswith("{"):
+                entry = json.loads(line)
+                results[entry["run"]] = entry
+                log.write(line)
+                log.flush()
+                print(f"modelopt {entry['run']}: {entry.get('perplexity', entry.get('error'))}", flush=True)
+        if proc.wait() != 0:
+            results["_failure"] = {"error": f"modelopt_side.py exited with {proc.returncode}"}
     return results
 
 
 def side_by_side(rows: list[dict], modelopt: dict[str, dict]) -> list[str]:
     base = modelopt.get("baseline", {}).get("perplexity")
-    lines = ["| format | ours: algorithm | ours ppl delta | ModelOpt ppl delta | ours calib s | ModelOpt calib s |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| format | ours: algorithm | ours ppl delta | ModelOpt config | ModelOpt ppl delta | ours calib s | ModelOpt calib s |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows[1:]:
         label = r["format"]
-        mo = modelopt.get(label)
+        counterpart = RUNS.get(label.split(" + kv")[0], (None, None, None))[2]
+        mo = modelopt.get(counterpart)
         if mo is None:
             continue
         if "error" in mo:
             theirs, their_s = f"fails: {mo['error'][:90]}", f"{mo['calib_s']:.1f} (failed)"
         else:
             theirs, their_s = f"{100 * (mo['perplexity'] - base) / base:+.2f}% ({mo['perplexity']:.3f})", f"{mo['calib_s']:.1f}"
-        lines.append(f"| {label} | {r['algorithm']} | {r['delta_pct']:+.2f}% ({r['perplexity']:.3f}) | {theirs} | {r['calib_s']:.1f} | {their_s} |")
+        lines.append(f"| {label} | {r['algorithm']} | {r['delta_pct']:+.2f}% ({r['perplexity']:.3f}) | {counterpart} | {theirs} "
+                     f"| {r['calib_s']:.1f} | {their_s} |")
     return lines
 
 
