@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from nemo_quant.distributed import any_rank, sync_amax
-from nemo_quant.quantization.forward_loop import CalibrationError, run_forward_loop_everywhere
 from nemo_quant.modes import mode_config
 from nemo_quant.quantization.algorithms import run_algorithm, uses_algorithm
+from nemo_quant.quantization.forward_loop import CalibrationError, run_forward_loop_everywhere
 from nemo_quant.quantization.modules import QuantLinearMixin, quantizers
 
 

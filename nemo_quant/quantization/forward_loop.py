@@ -40,7 +40,6 @@ def run_forward_loop_everywhere(model: nn.Module, forward_loop) -> None:
         raise CalibrationError(f"calibration failed on rank {rank} ({msg}); no scales were set.")
 
 
-
 def windows_forward_loop(windows: torch.Tensor, batch_size: int = 1, desc: str = "calibrate") -> Callable[[nn.Module], None]:
     """Each data-parallel rank runs its share of `windows` (every window is seen once in total)."""
 

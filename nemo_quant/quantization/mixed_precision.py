@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from nemo_quant.distributed import dp_all_reduce, gather_messages, tp_all_reduce
-from nemo_quant.quantization.config import BLOCK_ONLY, FP8, INT_BITS, Granularity, LayerOverride, QFormat, QuantConfig, QuantizerSpec
+from nemo_quant.quantization.config import BLOCK_ONLY, INT_BITS, Granularity, LayerOverride, QFormat, QuantConfig, QuantizerSpec
 from nemo_quant.quantization.fake_quant import fake_quant
 from nemo_quant.quantization.modules import global_name
 
@@ -93,7 +93,7 @@ class _Scorer:
     @staticmethod
     def _weight_amax(w: torch.Tensor, spec: QuantizerSpec) -> torch.Tensor:
         fmt, gran = QFormat(spec.format), Granularity(spec.granularity)
-        if fmt == QFormat.nvfp4 or gran == Granularity.tensor or fmt in FP8 and gran != Granularity.channel:
+        if fmt == QFormat.nvfp4 or gran == Granularity.tensor:
             return tp_all_reduce(w.abs().amax(), "max")
         if gran == Granularity.channel:
             return w.abs().amax(dim=1, keepdim=True)

@@ -117,13 +117,10 @@ class LinearObserver:
         return torch.cat(self.samples) if self.samples else torch.zeros(0, n)
 
 
-def observing(layers: list[tuple[str, nn.Module]], needs: Needs):
-    """Context: observers attached to `layers`, every quantizer of the model bypassed."""
-    return _Observing(layers, needs)
+class observing:
+    """Context: a LinearObserver attached to each of `layers` (name -> observer on entry)."""
 
-
-class _Observing:
-    def __init__(self, layers, needs):
+    def __init__(self, layers: list[tuple[str, nn.Module]], needs: Needs):
         self.layers, self.needs = layers, needs
         self.observers: dict[str, LinearObserver] = {}
 
