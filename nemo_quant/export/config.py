@@ -1,0 +1,32 @@
+"""Typed configuration of the export step (Hydra group `export`, presets in conf/export/)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Optional
+
+
+class ExportTarget(str, Enum):
+    hf = "hf"  # unified Hugging Face quantized checkpoint (TensorRT-LLM PyTorch, vLLM, SGLang)
+    trtllm = "trtllm"  # config.json + rank{N}.safetensors (TensorRT-LLM <= 1.2 engine builds)
+    both = "both"  # <path>/hf and <path>/trtllm
+
+
+class ExportDType(str, Enum):
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+@dataclass
+class ExportConfig:
+    format: ExportTarget = ExportTarget.hf
+    path: Optional[str] = None  # the checkpoint directory to create
+    # High-precision tensors (norms, embeddings, unquantized layers, pre-quant scales); scales
+    # stay float32. A dtype other than the model's rounds those tensors.
+    dtype: ExportDType = ExportDType.bfloat16
+    inference_tp: int = 1  # TensorRT-LLM checkpoint layout, independent of the training layout
+    inference_pp: int = 1
+    overwrite: bool = False  # replace an existing export.path
+    max_shard_size_gb: float = 5.0  # HF checkpoint: split model*.safetensors above this size
+    trtllm_architecture: str = "LlamaForCausalLM"

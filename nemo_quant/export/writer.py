@@ -1,0 +1,131 @@
+"""The export driver: checks first (on every rank, before any byte is written), then one
+streaming pass over the model feeding every requested format writer, inside a staging
+directory that becomes `export.path` only when everything is written."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from nemo_quant.checkpoint.atomic import atomic_directory
+from nemo_quant.distributed import gather_messages
+from nemo_quant.export.config import ExportConfig, ExportTarget
+from nemo_quant.export.formats import ExportError
+from nemo_quant.export.gather import layer_specs, stream_model
+from nemo_quant.export.hf import HFWriter
+from nemo_quant.export.hf_layout import SPLITS, check_kv_spec, check_pre_quant_scale, convert_layer, linear_format
+from nemo_quant.export.quant_summary import QuantSummary
+from nemo_quant.export.trtllm import TRTLLMWriter, check_architecture, check_layout
+from nemo_quant.models.arch import LlamaArch
+from nemo_quant.runtime.distributed_init import is_main_rank
+from nemo_quant.utils.progress import progress
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    files: list[Path] = field(default_factory=list)
+    bytes_written: int = 0
+    seconds: float = 0.0
+    quant_algo: str | None = None
+
+
+def _producer() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("nemo_quant")
+    except PackageNotFoundError:
+        v = "unknown"
+    return {"name": "nemo_quant", "version": v}
+
+
+def _local_problems(model, arch: LlamaArch, cfg: ExportConfig) -> str | None:
+    try:
+        if cfg.path is None:
+            raise ExportError("export.path is not set; give the directory to write (export.path=/path/to/ckpt).")
+        if cfg.format in (ExportTarget.trtllm, ExportTarget.both):
+            check_architecture(cfg.trtllm_architecture)
+            check_layout(arch, cfg.inference_tp, cfg.inference_pp)
+        if cfg.max_shard_size_gb <= 0:
+            raise ExportError(f"export.max_shard_size_gb={cfg.max_shard_size_gb}: must be positive.")
+        trt_tp = cfg.inference_tp if cfg.format != ExportTarget.hf else 1
+        for layer in model.decoder.layers:
+            where = f"decoder.layers.{layer.layer_number - 1}"
+            specs, kv = layer_specs(layer)
+            for name, projs in SPLITS.items():
+                module = layer.get_submodule(name)
+                fmt, group = linear_format(specs.get(name, (None, None)), module.input_size, f"{where}.{name}")
+                if group and module.input_size // trt_tp % group and name.endswith(("linear_proj", "linear_fc2")):
+                    raise ExportError(f"{where}.{name}: export.inference_tp={trt_tp} splits its input dim "
+                                      f"{module.input_size} into pieces that are not multiples of the group size {group}.")
+                check_pre_quant_scale(fmt, getattr(module, "pre_quant_scale", None), len(projs) > 1, f"{where}.{name}")
+            if kv is not None:
+                check_kv_spec(kv, where)
+        head = getattr(model, "output_layer", None)
+        if getattr(head, "weight_quantizer", None) is not None:
+            raise ExportError("the output layer is quantized; keep '*output_layer*' in quant.exclude to export "
+                              "(checkpoint formats keep lm_head in high precision).")
+    except ExportError as e:
+        return str(e)
+    return None
+
+
+def preflight(model, arch: LlamaArch, cfg: ExportConfig) -> None:
+    """Every check that can fail, on every rank's own layers; raises the same error everywhere."""
+    problems = [m for m in gather_messages(_local_problems(model, arch, cfg)) if m]
+    if problems:
+        raise ExportError(problems[0])
+
+
+def export_checkpoint(model, arch: LlamaArch, cfg: ExportConfig, tokenizer=None) -> ExportResult:
+    """Write `cfg.format` to `cfg.path`; every rank of the model calls this."""
+    cfg = ExportConfig(**{k: getattr(cfg, k) for k in ExportConfig.__dataclass_fields__})  # also accepts DictConfig
+    cfg.format = ExportTarget(cfg.format)
+    preflight(model, arch, cfg)
+    dtype = DTYPES[getattr(cfg.dtype, "value", cfg.dtype)]
+    start = time.perf_counter()
+    result = ExportResult(Path(cfg.path).expanduser().resolve())
+    summary = QuantSummary()
+    with atomic_directory(result.path, cfg.overwrite, key="export.path") as staging:
+        writers = _writers(staging, arch, dtype, cfg) if is_main_rank() else {}
+        try:
+            bar = progress(arch.num_layers, "export", unit="layer")
+            for kind, item in stream_model(model, arch.vocab_size):
+                if kind == "layer":
+                    item = convert_layer(item, arch)
+                    summary.add(item)
+                    bar.update(1)
+                for w in writers.values():
+                    if kind == "head":
+                        w.head(*item)
+                    else:
+                        getattr(w, kind)(item)
+            bar.close()
+            for name, w in writers.items():
+                result.files += w.finish(summary, tokenizer, _producer()) if name == "hf" else w.finish(summary, _producer())
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
+    result.seconds = time.perf_counter() - start
+    result.quant_algo = summary.quant_algo if is_main_rank() else None
+    if is_main_rank():
+        result.files = [result.path / f.relative_to(staging) for f in result.files]
+        result.bytes_written = sum(f.stat().st_size for f in result.path.rglob("*") if f.is_file())
+    return result
+
+
+def _writers(staging: Path, arch: LlamaArch, dtype: torch.dtype, cfg: ExportConfig) -> dict:
+    both = cfg.format == ExportTarget.both
+    writers = {}
+    if cfg.format in (ExportTarget.hf, ExportTarget.both):
+        writers["hf"] = HFWriter(staging / "hf" if both else staging, arch, dtype, int(cfg.max_shard_size_gb * 2**30))
+    if cfg.format in (ExportTarget.trtllm, ExportTarget.both):
+        writers["trtllm"] = TRTLLMWriter(staging / "trtllm" if both else staging, arch, dtype, cfg.inference_tp,
+                                         cfg.inference_pp, cfg.trtllm_architecture)
+    return writers
