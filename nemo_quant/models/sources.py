@@ -69,13 +69,17 @@ class HFSafetensorsSource:
     def names(self) -> list[str]:
         return sorted(self._index)
 
-    def get(self, name: str) -> torch.Tensor:
+    def raw(self, name: str) -> torch.Tensor:
+        """The tensor as stored (packed integers, float8, ...)."""
         from safetensors import safe_open
 
         if name not in self._index:
             raise KeyError(f"{self.path}: tensor {name!r} not found in the safetensors files")
         with safe_open(self._index[name], framework="pt") as handle:
-            return handle.get_tensor(name).float()
+            return handle.get_tensor(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.raw(name).float()
 
 
 # GGUF tensor names -> HF names ({i} is the layer index).
