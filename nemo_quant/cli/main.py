@@ -46,10 +46,14 @@ def _flags_first(args: list[str]) -> list[str]:
 
 def main() -> None:
     args = sys.argv[1:]
+    if args and args[0] == "validate":  # not a Hydra job: pure Python over the checkpoint files
+        from nemo_quant.export.validate import main as validate_main
+
+        sys.exit(validate_main(args[1:]))
     if args and not args[0].startswith("-") and "=" not in args[0]:
         command = args.pop(0)
         if command not in Command.__members__:
-            sys.exit(f"nemo-quant: unknown command {command!r}; choose one of {', '.join(Command.__members__)}")
+            sys.exit(f"nemo-quant: unknown command {command!r}; choose one of {', '.join(Command.__members__)}, validate")
         args.insert(0, f"command={command}")
     sys.argv = [sys.argv[0], *_flags_first(args)]
     hydra_entry()

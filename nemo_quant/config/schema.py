@@ -12,6 +12,7 @@ from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 
+from nemo_quant.export.config import ExportConfig
 from nemo_quant.quantization.config import QuantConfig
 
 
@@ -19,6 +20,7 @@ class Command(str, Enum):
     eval = "eval"
     ptq = "ptq"
     train = "train"
+    export = "export"
 
 
 class DType(str, Enum):
@@ -94,6 +96,8 @@ class AppConfig:
     quant: Optional[QuantConfig] = None
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Deployable checkpoint written at the end of ptq / train, or by `nemo-quant export`.
+    export: Optional[ExportConfig] = None
 
 
 def register_configs() -> None:
@@ -103,3 +107,4 @@ def register_configs() -> None:
     cs.store(group="data", name="schema", node=DataConfig)
     cs.store(group="parallel", name="schema", node=ParallelConfig)
     cs.store(group="quant", name="schema", node=QuantConfig)
+    cs.store(group="export", name="schema", node=ExportConfig)

@@ -53,6 +53,7 @@ def _validate_command(cfg: DictConfig) -> None:
             raise ConfigError(f"checkpoint.save={cfg.checkpoint.save} exists; pick a new path or set checkpoint.overwrite=true.")
     if cfg.quant is not None:
         validate_quant_config(OmegaConf.to_object(cfg.quant))
+    _validate_export(cfg)
     if cfg.command == "train":
         if cfg.checkpoint.save is None:
             raise ConfigError("`nemo-quant train` needs checkpoint.save=<dir> for its periodic checkpoints.")
@@ -61,3 +62,19 @@ def _validate_command(cfg: DictConfig) -> None:
         if cfg.train.lr <= 0:
             raise ConfigError(f"train.lr={cfg.train.lr}: must be positive.")
 
+
+
+def _validate_export(cfg: DictConfig) -> None:
+    if cfg.command == "export" and cfg.export is None:
+        raise ConfigError("`nemo-quant export` needs an export preset: add export=hf, export=trtllm or export=both, "
+                          "and export.path=<dir>.")
+    if cfg.export is None:
+        return
+    if cfg.export.path is None:
+        raise ConfigError("export.path is not set; give the directory to write (export.path=/path/to/ckpt).")
+    if Path(cfg.export.path).expanduser().exists() and not cfg.export.overwrite:
+        raise ConfigError(f"export.path={cfg.export.path} exists; pick a new path or set export.overwrite=true.")
+    for key in ("inference_tp", "inference_pp"):
+        _positive(cfg, f"export.{key}")
+    if cfg.export.max_shard_size_gb <= 0:
+        raise ConfigError(f"export.max_shard_size_gb={cfg.export.max_shard_size_gb}: must be positive.")

@@ -147,8 +147,11 @@ class TRTLLMWriter:
                 for suffix, t in trtllm_linear_tensors(ql, self.dtype).items():
                     out.add(f"{prefix}{module}.{suffix}", t)
             if layer.kv_scales is not None:
-                # One scale for K and V (the loader merges k/v scales into their max anyway).
-                out.add(prefix + "attention.kv_cache_scaling_factor", torch.maximum(*layer.kv_scales).reshape(1))
+                # The engine uses one scale for K and V: the loader takes max(k, v) (as written here).
+                k, v = layer.kv_scales
+                out.add(prefix + "attention.kv_cache_scaling_factor", torch.maximum(k, v).reshape(1))
+                out.add(prefix + "attention.k_cache_scaling_factor", k.reshape(1))
+                out.add(prefix + "attention.v_cache_scaling_factor", v.reshape(1))
 
     def head(self, norm: torch.Tensor, output: torch.Tensor | None) -> None:
         lm_head = (output if output is not None else self._embedding).to(self.dtype)

@@ -18,7 +18,8 @@ import torch
 
 HERE = Path(__file__).parent
 ARCH = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
-            num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, tie_word_embeddings=False)
+            num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, tie_word_embeddings=False,
+            architectures=["LlamaForCausalLM"])
 
 
 def headers(directory: Path) -> dict:

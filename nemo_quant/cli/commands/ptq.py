@@ -68,5 +68,10 @@ def run_ptq(cfg: DictConfig) -> None:
             from nemo_quant.checkpoint.model_checkpoint import save_model
 
             save_model(loaded.model, loaded.source.arch, cfg.checkpoint.save, cfg.checkpoint.overwrite)
+        exported = {}
+        if cfg.export is not None:
+            from nemo_quant.cli.commands.export import export_step
+
+            exported = export_step(cfg, loaded)
         write_results({"preset": qcfg.name, "baseline_ppl": before, "quant_ppl": after, "delta_pct": delta,
-                       "calib_s": calib_s, "rss_gib": rss_gib, "checkpoint": cfg.checkpoint.save})
+                       "calib_s": calib_s, "rss_gib": rss_gib, "checkpoint": cfg.checkpoint.save, **exported})

@@ -44,4 +44,9 @@ def run_train(cfg: DictConfig) -> None:
         first, last = state.losses[0], state.losses[-1]
         report({"start": origin, "modes": ", ".join(m["name"] for m in mode_state(loaded.model)) or "none",
                 "steps": state.step, "loss first -> last": f"{first:.4f} -> {last:.4f}", "checkpoint": str(save_dir)})
-        write_results({"steps": state.step, "losses": state.losses, "checkpoint": str(save_dir)})
+        exported = {}
+        if cfg.export is not None:
+            from nemo_quant.cli.commands.export import export_step
+
+            exported = export_step(cfg, loaded)
+        write_results({"steps": state.step, "losses": state.losses, "checkpoint": str(save_dir), **exported})
