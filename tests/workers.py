@@ -234,3 +234,15 @@ def batch_percentile_amax(batches_per_rank: list[list[float]], percentile: float
     for peak in batches_per_rank[dist.get_rank()]:
         q(torch.tensor([0.5, -peak, 0.25]))
     return float(q.local_amax())
+
+
+def export_checkpoint_at(checkpoint: str, tp: int, pp: int, out_dir: str, fmt: str = "both", inference_tp: int = 2) -> None:
+    """Load a nemo_quant checkpoint at TP x PP (x DP = the rest of the world) and export it."""
+    from nemo_quant.checkpoint.model_checkpoint import load_model_checkpoint, read_arch
+    from nemo_quant.export import ExportConfig, export_checkpoint
+    from nemo_quant.runtime.distributed_init import ParallelLayout, init_megatron
+
+    init_megatron(ParallelLayout(tp, pp), timeout_s=120)
+    model = load_model_checkpoint(checkpoint)
+    export_checkpoint(model, read_arch(checkpoint),
+                      ExportConfig(format=fmt, path=out_dir, dtype="float32", inference_tp=inference_tp))
