@@ -236,7 +236,8 @@ def batch_percentile_amax(batches_per_rank: list[list[float]], percentile: float
     return float(q.local_amax())
 
 
-def export_checkpoint_at(checkpoint: str, tp: int, pp: int, out_dir: str, fmt: str = "both", inference_tp: int = 2) -> None:
+def export_checkpoint_at(checkpoint: str, tp: int, pp: int, out_dir: str, fmt: str = "both", inference_tp: int = 2,
+                         inference_pp: int = 1) -> None:
     """Load a nemo_quant checkpoint at TP x PP (x DP = the rest of the world) and export it."""
     from nemo_quant.checkpoint.model_checkpoint import load_model_checkpoint, read_arch
     from nemo_quant.export import ExportConfig, export_checkpoint
@@ -245,4 +246,5 @@ def export_checkpoint_at(checkpoint: str, tp: int, pp: int, out_dir: str, fmt: s
     init_megatron(ParallelLayout(tp, pp), timeout_s=120)
     model = load_model_checkpoint(checkpoint)
     export_checkpoint(model, read_arch(checkpoint),
-                      ExportConfig(format=fmt, path=out_dir, dtype="float32", inference_tp=inference_tp))
+                      ExportConfig(format=fmt, path=out_dir, dtype="float32", inference_tp=inference_tp,
+                                   inference_pp=inference_pp))
