@@ -69,9 +69,11 @@ def test_ptq_then_qat_then_eval_of_the_checkpoint(tiny_dir, text_files, tmp_path
             "data.seq_length=16", "data.eval_samples=2", "data.calib_samples=4"]
     cli = [sys.executable, "-m", "nemo_quant.cli.main"]
     ptq = _run([*cli, "ptq", *base, "quant=w4a8_awq", "+quant/kv_cache=fp8", "quant.weight.block_size=32",
-                f"checkpoint.save={tmp_path / 'ptq'}", f"hydra.run.dir={tmp_path / 'r1'}"])
+                f"checkpoint.save={tmp_path / 'ptq'}", "export=hf", f"export.path={tmp_path / 'ptq_hf'}",
+                f"hydra.run.dir={tmp_path / 'r1'}"])
     assert ptq.returncode == 0, ptq.stderr[-3000:]
     assert "| tiny  | w4a8_awq |" in ptq.stdout and (tmp_path / "ptq" / "nemo_quant_modes.json").is_file()
+    assert re.search(r"^export quant_algo\s+W4A8_AWQ", ptq.stdout, re.M), ptq.stdout
 
     train = _run([*cli, "train", *base, f"checkpoint.load={tmp_path / 'ptq'}", f"checkpoint.save={tmp_path / 'qat'}",
                   "train.steps=4", "train.save_every=2", "train.seq_length=16", "train.lr=1e-3",
@@ -86,6 +88,19 @@ def test_ptq_then_qat_then_eval_of_the_checkpoint(tiny_dir, text_files, tmp_path
 
     again = _run([*cli, "ptq", *base, "quant=fp8", f"checkpoint.save={tmp_path / 'ptq'}", f"hydra.run.dir={tmp_path / 'r4'}"])
     assert again.returncode != 0 and "checkpoint.overwrite=true" in again.stderr
+
+    # The QAT result as deployable checkpoints, in a different inference layout, then validated.
+    export = _run([*cli, "export", *base, f"checkpoint.load={tmp_path / 'qat' / 'step_4'}", "export=both",
+                   f"export.path={tmp_path / 'deploy'}", "export.inference_pp=2", f"hydra.run.dir={tmp_path / 'r5'}"])
+    assert export.returncode == 0, export.stderr[-3000:]
+    checked = _run([*cli, "validate", str(tmp_path / "ptq_hf"), str(tmp_path / "deploy" / "hf"), str(tmp_path / "deploy" / "trtllm")])
+    assert checked.returncode == 0 and checked.stdout.count(": OK") == 3, checked.stdout
+    (tmp_path / "deploy" / "trtllm" / "rank1.safetensors").unlink()
+    broken = _run([*cli, "validate", str(tmp_path / "deploy" / "trtllm")])
+    assert broken.returncode == 1 and "missing rank1.safetensors" in broken.stdout
+    exists = _run([*cli, "export", *base, f"checkpoint.load={tmp_path / 'qat' / 'step_4'}", "export=hf",
+                   f"export.path={tmp_path / 'deploy'}", f"hydra.run.dir={tmp_path / 'r6'}"])
+    assert exists.returncode != 0 and "export.overwrite=true" in exists.stderr
 
 
 def _quant_perplexity(stdout: str, preset: str) -> float:
