@@ -4,12 +4,15 @@
       - _target_: nemo_quant.integrations.lightning.NemoQuantCallback
         quant: ${quant}            # any preset from conf/quant/
         calib_batches: 16
+        export: ${export}          # optional: deployable checkpoint when fit ends (conf/export/)
+        vocab_size: 49152          # the unpadded vocabulary, needed by export
 
 At `setup` the callback finds the Megatron GPT model in the LightningModule and applies the
 modes in place (so the optimizer, configured afterwards, sees the final modules). At
 `on_train_start` it calibrates the quantizers that still lack scales on the first
 `calib_batches` training batches; on resume they are already filled from the checkpoint.
-The mode state travels in the Lightning checkpoint and is checked on load.
+The mode state travels in the Lightning checkpoint and is checked on load. With `export`,
+`on_fit_end` writes the HF / TensorRT-LLM checkpoint (every rank takes part, rank 0 writes).
 """
 from __future__ import annotations
 
@@ -53,9 +56,21 @@ def default_batch_tokens(batch: Any) -> torch.Tensor:
 
 class NemoQuantCallback(pl.Callback):
     def __init__(self, quant: dict | DictConfig | None = None, calib_batches: int = 16,
-                 batch_tokens: Callable[[Any], torch.Tensor] = default_batch_tokens):
+                 batch_tokens: Callable[[Any], torch.Tensor] = default_batch_tokens,
+                 export: dict | DictConfig | None = None, vocab_size: int | None = None):
         if calib_batches < 1:
             raise ValueError(f"calib_batches={calib_batches}: must be at least 1.")
+        self.export = None
+        if export is not None:
+            from nemo_quant.export import ExportConfig
+
+            if vocab_size is None:
+                raise ValueError("NemoQuantCallback(export=...) needs vocab_size=<unpadded vocabulary size>.")
+            raw = OmegaConf.to_container(export, resolve=True) if isinstance(export, DictConfig) else dict(export)
+            self.export = ExportConfig(**raw)  # unknown keys fail here, before training
+            if self.export.path is None:
+                raise ValueError("NemoQuantCallback: export.path is not set.")
+        self.vocab_size = vocab_size
         self.modes = [("quantize", OmegaConf.to_container(quant, resolve=True) if isinstance(quant, DictConfig) else quant)] if quant else []
         self.calib_batches = calib_batches
         self.batch_tokens = batch_tokens
@@ -89,6 +104,14 @@ class NemoQuantCallback(pl.Callback):
                 model(tokens, position_ids_for(tokens), None)
 
         calibrate(self._model, loop)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.export is None:
+            return
+        from nemo_quant.export import export_checkpoint
+        from nemo_quant.models.arch import arch_of_megatron
+
+        export_checkpoint(self._model, arch_of_megatron(self._model, self.vocab_size), self.export)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint[CHECKPOINT_KEY] = mode_state(self._model)

@@ -44,3 +44,16 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
     """Megatron pads the vocabulary so every TP rank holds an equal, aligned slice."""
     multiple = divisible_by * tp
     return -(-vocab_size // multiple) * multiple
+
+
+def arch_of_megatron(model, vocab_size: int) -> LlamaArch:
+    """The architecture of a built Megatron GPTModel (local spec); `vocab_size` is the true,
+    unpadded vocabulary, which the model itself does not keep."""
+    c = model.config
+    return LlamaArch(
+        num_layers=c.num_layers, hidden_size=c.hidden_size, num_attention_heads=c.num_attention_heads,
+        num_query_groups=c.num_query_groups or c.num_attention_heads, ffn_hidden_size=c.ffn_hidden_size,
+        vocab_size=vocab_size, max_position_embeddings=model.max_sequence_length,
+        rotary_base=float(getattr(model, "rotary_base", 10000)), norm_eps=c.layernorm_epsilon,
+        tie_word_embeddings=bool(model.share_embeddings_and_output_weights),
+    )

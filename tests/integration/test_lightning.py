@@ -44,9 +44,19 @@ def _trainer(tmp_path, steps, callback):
 
 
 def test_callback_quantizes_calibrates_saves_and_resumes(megatron_tp1, tmp_path):
+    from nemo_quant.export.reload import load_quantized_hf
+    from nemo_quant.export.validate import validate_checkpoint
+
     module = TinyGPT()
-    trainer, ckpt = _trainer(tmp_path, 4, CALLBACK)
+    deploy = tmp_path / "deploy"
+    export = {"format": "both", "path": str(deploy), "dtype": "float32"}
+    trainer, ckpt = _trainer(tmp_path, 4, {**CALLBACK, "export": export, "vocab_size": 257})
     trainer.fit(module, _data())
+    # on_fit_end exported the trained QAT model; the HF checkpoint reproduces it
+    assert validate_checkpoint(deploy / "hf").ok and validate_checkpoint(deploy / "trtllm").ok
+    rebuilt, _ = load_quantized_hf(deploy / "hf")
+    probe = torch.arange(16).reshape(1, 16)
+    torch.testing.assert_close(logits(rebuilt, probe), logits(module.gpt, probe), rtol=1e-6, atol=1e-6)
     assert type(module.gpt.decoder.layers[0].mlp.linear_fc1).__name__ == "QuantColumnParallelLinear"
     amax = {n: q.amax.clone() for n, q in quantizers(module.gpt)}
     assert all(not torch.isnan(a).any() for a in amax.values())
