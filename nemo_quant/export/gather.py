@@ -42,7 +42,7 @@ def _tp():
 def _gather(t: torch.Tensor, axis: int | None) -> torch.Tensor:
     group, size = _tp()
     if axis is None or size == 1:
-        return t.detach().clone()
+        return t.detach()  # read-only from here on: no copy
     parts = [torch.empty_like(t) for _ in range(size)]
     dist.all_gather(parts, t.detach().contiguous(), group=group)
     return torch.cat(parts, dim=axis)

@@ -1,16 +1,18 @@
 """Stream tensors into safetensors files one at a time, split into shards by size.
 
 `safetensors.torch.save_file` needs every tensor in memory at once; an export that gathers
-a model layer by layer must not hold it all. The safetensors layout (8-byte little-endian
-header length, JSON header `{name: {dtype, shape, data_offsets}}`, then the raw bytes) lets
-us append each tensor's bytes to a data file as it arrives and write the header once the
-shard is complete; the data is then copied behind the header by the kernel
-(`shutil.copyfileobj` over file objects), never through Python lists. Files written here are
-read back with the `safetensors` library in the tests.
+a model layer by layer must not hold it all. The safetensors layout is: 8-byte little-endian
+header length N, an N-byte JSON header `{name: {dtype, shape, data_offsets}}` that may be
+padded with trailing spaces, then the raw bytes. So each file reserves `header_reserve`
+bytes up front, streams every tensor's bytes behind that reservation as it arrives, and
+writes the header (space-padded to the reservation) once the file is complete. A header
+that outgrows the reservation is written in front of a copy of the data (in the kernel).
+Files written here are read back with the `safetensors` library in the tests.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -24,17 +26,39 @@ SAFETENSORS_DTYPES = {
 _ALIGN = 8  # the header is padded with spaces so the data starts 8-byte aligned
 
 
-def tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+def tensor_buffer(t: torch.Tensor):
+    """The tensor's bytes as a buffer (no copy when already contiguous on the CPU)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+HEADER_RESERVE = 1 << 20  # 1 MiB: about 8000 tensor entries
+
+
+def _copy_range(src, dst, offset: int, count: int) -> None:
+    """Append bytes [offset, offset + count) of `src` to `dst`, in the kernel where possible."""
+    done = 0
+    while done < count:
+        try:
+            n = os.copy_file_range(src.fileno(), dst.fileno(), count - done, offset + done)
+        except OSError:
+            if done:
+                raise
+            src.seek(offset)
+            shutil.copyfileobj(src, dst, length=16 << 20)
+            return
+        if n == 0:
+            raise OSError(f"{src.name}: data ended after {done} of {count} bytes")
+        done += n
 
 
 class SafetensorsFile:
     """One safetensors file written tensor by tensor (`add`), completed by `close`."""
 
-    def __init__(self, path: Path, metadata: dict[str, str] | None = None):
+    def __init__(self, path: Path, metadata: dict[str, str] | None = None, header_reserve: int = HEADER_RESERVE):
         self.path = Path(path)
-        self._data_path = self.path.with_name(self.path.name + ".data")
-        self._data = open(self._data_path, "wb")
+        self._reserve = header_reserve
+        self._file = open(self.path, "wb")
+        self._file.seek(header_reserve)
         self._header: dict[str, dict] = {}
         self._metadata = metadata
         self.nbytes = 0
@@ -44,31 +68,38 @@ class SafetensorsFile:
             raise ValueError(f"{self.path.name}: tensor {name!r} written twice")
         if tensor.dtype not in SAFETENSORS_DTYPES:
             raise TypeError(f"{name}: dtype {tensor.dtype} has no safetensors encoding")
-        raw = tensor_bytes(tensor)
-        self._data.write(raw)
+        raw = tensor_buffer(tensor)
+        self._file.write(raw)
         self._header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
-                              "data_offsets": [self.nbytes, self.nbytes + len(raw)]}
-        self.nbytes += len(raw)
+                              "data_offsets": [self.nbytes, self.nbytes + raw.nbytes]}
+        self.nbytes += raw.nbytes
 
     def names(self) -> list[str]:
         return list(self._header)
 
     def close(self) -> None:
-        self._data.close()
         header = dict(self._header)
         if self._metadata:
             header["__metadata__"] = self._metadata
         encoded = json.dumps(header, separators=(",", ":")).encode()
+        if 8 + len(encoded) <= self._reserve:
+            self._file.seek(0)
+            self._file.write(struct.pack("<Q", self._reserve - 8) + encoded.ljust(self._reserve - 8, b" "))
+            self._file.close()
+            return
+        # The header outgrew the reservation: header first, then the data moved behind it.
+        self._file.close()
         encoded += b" " * (-(len(encoded) + 8) % _ALIGN)
-        with open(self.path, "wb") as out, open(self._data_path, "rb") as data:
-            out.write(struct.pack("<Q", len(encoded)))
-            out.write(encoded)
-            shutil.copyfileobj(data, out, length=16 << 20)
-        self._data_path.unlink()
+        moved = self.path.with_name(self.path.name + ".tmp")
+        with open(self.path, "rb") as data, open(moved, "wb") as out:
+            out.write(struct.pack("<Q", len(encoded)) + encoded)
+            out.flush()
+            _copy_range(data, out, self._reserve, self.nbytes)
+        moved.replace(self.path)
 
     def abort(self) -> None:
-        self._data.close()
-        self._data_path.unlink(missing_ok=True)
+        self._file.close()
+        self.path.unlink(missing_ok=True)
 
 
 class ShardedWriter:

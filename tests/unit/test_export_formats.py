@@ -109,7 +109,23 @@ def test_sharded_writer_round_trips_every_dtype_and_splits_by_size(tmp_path):
         assert got.dtype == t.dtype and got.shape == t.shape
         assert torch.equal(got.view(torch.uint8) if got.dtype.itemsize == 1 else got,
                            t.view(torch.uint8) if t.dtype.itemsize == 1 else t)
-    assert not list(tmp_path.glob("*.data"))
+    assert not [p for p in tmp_path.iterdir() if not p.name.startswith("model")]
+
+
+@pytest.mark.parametrize("reserve", [1 << 20, 64])  # the header fits its reservation, or outgrows it
+def test_streamed_file_reads_back_with_safetensors(tmp_path, reserve):
+    from nemo_quant.export.safetensors_writer import SafetensorsFile
+
+    tensors = {f"layer.{i}.weight": torch.randn(5, 3) * i for i in range(12)}
+    f = SafetensorsFile(tmp_path / "x.safetensors", header_reserve=reserve)
+    for name, t in tensors.items():
+        f.add(name, t)
+    f.close()
+    with safe_open(tmp_path / "x.safetensors", framework="pt") as h:
+        assert sorted(h.keys()) == sorted(tensors)
+        for name, t in tensors.items():
+            assert torch.equal(h.get_tensor(name), t)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
 
 
 def test_single_shard_is_model_safetensors_and_abort_leaves_nothing(tmp_path):
