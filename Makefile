@@ -27,13 +27,18 @@ $(CORPUS): $(STAMP)
 	    apt-get update -qq && $(BIN)/python -m nemo_quant.data.austen; }
 	touch $@
 
-# The main job on the embedded default: PTQ of SmolLM2-135M with the int4_awq preset,
-# perplexity on Persuasion before and after.
+# The main job on the embedded default: PTQ of SmolLM2-135M with the int4_awq preset (groups
+# of 64: deployable checkpoints have no ragged groups, and 576 = 9 x 64), perplexity on
+# Persuasion before and after, then both deployable checkpoints, validated.
+DEMO_EXPORT := outputs/demo_export
 demo: setup
-	$(BIN)/nemo-quant ptq quant=int4_awq
+	$(BIN)/nemo-quant ptq quant=int4_awq quant.weight.block_size=64 \
+	  export=both export.path=$(DEMO_EXPORT) export.overwrite=true
+	$(BIN)/nemo-quant validate $(DEMO_EXPORT)/hf $(DEMO_EXPORT)/trtllm
 
 bench: setup
 	$(BIN)/python benchmarks/ptq_accuracy.py
+	$(BIN)/python benchmarks/export_throughput.py
 
 # NVIDIA ModelOpt for the side-by-side benchmark only: its own virtualenv, never a dependency
 # of nemo_quant. Same torch pin (constraints.txt), HF transformers for LlamaForCausalLM.
