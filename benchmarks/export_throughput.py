@@ -135,6 +135,10 @@ def main() -> None:
                          f"{t['mb_per_s']} | {t['rss_before_mb']} | {t['peak_rss_mb']} | {t['peak_over_before_mb']} |")
     plain = next((r["save_file_mb_per_s"] for r in rows if "save_file_mb_per_s" in r), None)
     note = f"\nYardstick: `safetensors.torch.save_file` of the bf16 state dict in one call: {plain} MB/s.\n" if plain else ""
+    note += ("\npeak - before: growth of the process RSS while exporting (sampled every 5 ms; memory the allocator "
+             "kept from calibration is reused, so this is what the export adds). SmolLM2's largest tensor, the "
+             "bf16 embedding [49152, 576], is 57 MB. NVFP4 rounds with the pure-torch minifloat reference "
+             "(the fast kernels are issue #7).\n")
     (RESULTS / "export_throughput.md").write_text("\n".join(lines) + "\n" + note)
     print("\n".join(lines) + note)
 
