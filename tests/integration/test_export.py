@@ -242,18 +242,18 @@ def test_bad_export_fails_before_writing(megatron_tp1, tiny_dir, tmp_path, prese
 def test_fewer_kv_heads_than_inference_tp_duplicates_them(exports, tmp_path):
     """TINY has 2 KV heads: at inference TP=4 ranks 2r and 2r+1 both hold KV head r, and the
     config keeps the true count."""
-    model, _ = exports["int4_awq"]
+    model, _ = exports["fp8_kv"]
     export_checkpoint(model, TINY, ExportConfig(format="both", path=str(tmp_path / "tp4"), dtype="float32",
                                                 inference_tp=4))
     assert validate_checkpoint(tmp_path / "tp4" / "trtllm").ok
     assert json.loads((tmp_path / "tp4" / "trtllm" / "config.json").read_text())["num_key_value_heads"] == 2
     hf_file = tmp_path / "tp4" / "hf" / "model.safetensors"
-    k = unpack_int4_rows(_raw(hf_file, "model.layers.0.self_attn.k_proj.weight"))
-    q = unpack_int4_rows(_raw(hf_file, "model.layers.0.self_attn.q_proj.weight"))
+    k = _unpacked(_raw(hf_file, "model.layers.0.self_attn.k_proj.weight"), "FP8")
+    q = _unpacked(_raw(hf_file, "model.layers.0.self_attn.q_proj.weight"), "FP8")
     d = TINY.head_dim
     for r in range(4):
-        qkv = unpack_int4_rows(_raw(tmp_path / "tp4" / "trtllm" / f"rank{r}.safetensors",
-                                    "transformer.layers.0.attention.qkv.weight"))
+        qkv = _unpacked(_raw(tmp_path / "tp4" / "trtllm" / f"rank{r}.safetensors",
+                             "transformer.layers.0.attention.qkv.weight"), "FP8")
         assert torch.equal(qkv[:d], q[r * d:(r + 1) * d])  # one query head per rank
         head = r // 2
         assert torch.equal(qkv[d:2 * d], k[head * d:(head + 1) * d])
