@@ -34,7 +34,8 @@ setup(
     ],
     extras_require={
         "lightning": ["lightning>=2.4,<2.5"],
-        "test": ["pytest>=8", "lightning>=2.4,<2.5"],
+        # transformers: an independent consumer of the unified HF export in the tests.
+        "test": ["pytest>=8", "lightning>=2.4,<2.5", "transformers>=4.56"],
         # GPU-only; never installed in CI (transformer-engine cannot import without CUDA).
         "te": ["transformer-engine[pytorch]"],
     },
