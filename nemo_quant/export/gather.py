@@ -28,7 +28,7 @@ class LayerPiece:
 
     index: int
     tensors: dict[str, torch.Tensor]
-    # Linear name within the layer -> (weight spec, input spec); kv: (k spec, v spec) or None.
+    # Linear name within the layer -> (weight spec, input spec); kv_spec: the K/V cache quantizer.
     specs: dict[str, tuple[QuantizerSpec | None, QuantizerSpec | None]] = field(default_factory=dict)
     kv_spec: QuantizerSpec | None = None
 
