@@ -53,6 +53,9 @@ modelopt-venv: $(MO_VENV)/.setup-done
 
 bench-modelopt: setup modelopt-venv
 	$(BIN)/python benchmarks/ptq_accuracy.py --modelopt $(MO_VENV)/bin/python $(BENCH_ARGS)
+	$(MO_VENV)/bin/python benchmarks/modelopt_export.py \
+	  --gguf "$$($(BIN)/python -c 'from nemo_quant.models.loading import default_model_path as p; print(p())')"
+	$(BIN)/python benchmarks/export_throughput.py   # also writes export_side_by_side.md
 
 test: setup
 	$(BIN)/python -m pytest tests -q $(PYTEST_ARGS)
