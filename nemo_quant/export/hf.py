@@ -17,6 +17,7 @@ from nemo_quant.export.hf_layout import HFLayer
 from nemo_quant.export.quant_summary import QuantSummary
 from nemo_quant.export.safetensors_writer import ShardedWriter
 from nemo_quant.models.arch import LlamaArch
+from nemo_quant.models.loading import DTYPE_NAMES
 
 # Projections whose pre-quant scale a loader reads (q/k/v and gate/up have theirs folded
 # into the norms); INT8 SmoothQuant declares one on every linear.
@@ -28,14 +29,12 @@ def hf_linear_tensors(ql: QuantizedLinear, proj: str, dtype: torch.dtype) -> dic
     if f == ExportFormat.none:
         return {"weight": ql.weight.to(dtype)}
     out: dict[str, torch.Tensor] = {}
-    if f == ExportFormat.fp8:
-        out["weight"] = ql.weight
-    elif f in (ExportFormat.int8_sq, ExportFormat.w8a16):
-        out["weight"] = ql.weight
-    elif f in (ExportFormat.w4a16_awq, ExportFormat.w4a8_awq):
+    if f in (ExportFormat.w4a16_awq, ExportFormat.w4a8_awq):
         out["weight"] = pack_int4_rows(ql.weight)
     elif f == ExportFormat.nvfp4:
         out["weight"] = pack_e2m1(ql.weight)
+    else:  # fp8 codes, int8 codes
+        out["weight"] = ql.weight
     out["weight_scale"] = ql.weight_scale
     if ql.weight_scale_2 is not None:
         out["weight_scale_2"] = ql.weight_scale_2.reshape(())
@@ -93,9 +92,6 @@ class HFWriter:
         self.tensors.abort()
 
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
 def _special_ids(tokenizer) -> tuple[int | None, int | None]:
     if tokenizer is None:
         return None, None
@@ -109,7 +105,7 @@ def _special_ids(tokenizer) -> tuple[int | None, int | None]:
 def hf_model_config(arch: LlamaArch, dtype: torch.dtype, tokenizer=None) -> dict:
     bos, eos = _special_ids(tokenizer)
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": _DTYPE_NAMES[dtype],
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": DTYPE_NAMES[dtype],
         "hidden_size": arch.hidden_size, "intermediate_size": arch.ffn_hidden_size,
         "num_hidden_layers": arch.num_layers, "num_attention_heads": arch.num_attention_heads,
         "num_key_value_heads": arch.num_query_groups, "head_dim": arch.head_dim, "hidden_act": "silu",

@@ -21,8 +21,8 @@ from nemo_quant.export.hf_layout import HFLayer
 from nemo_quant.export.quant_summary import QuantSummary
 from nemo_quant.export.safetensors_writer import SafetensorsFile
 from nemo_quant.models.arch import LlamaArch
+from nemo_quant.models.loading import DTYPE_NAMES
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 ARCHITECTURES = ("LlamaForCausalLM", "GPTForCausalLM")
 
 
@@ -177,7 +177,7 @@ class TRTLLMWriter:
 
 def trtllm_config(arch: LlamaArch, dtype: torch.dtype, tp: int, pp: int, architecture: str, quant: dict, producer: dict) -> dict:
     config = {
-        "producer": producer, "architecture": architecture, "dtype": _DTYPE_NAMES[dtype],
+        "producer": producer, "architecture": architecture, "dtype": DTYPE_NAMES[dtype],
         "logits_dtype": "float32", "num_hidden_layers": arch.num_layers,
         "num_attention_heads": arch.num_attention_heads, "num_key_value_heads": arch.num_query_groups,
         "hidden_size": arch.hidden_size, "intermediate_size": arch.ffn_hidden_size, "head_size": arch.head_dim,

@@ -19,10 +19,10 @@ from nemo_quant.export.hf_layout import SPLITS, check_kv_spec, check_pre_quant_s
 from nemo_quant.export.quant_summary import QuantSummary
 from nemo_quant.export.trtllm import TRTLLMWriter, check_architecture, check_layout
 from nemo_quant.models.arch import LlamaArch
+from nemo_quant.models.loading import DTYPES
 from nemo_quant.runtime.distributed_init import is_main_rank
 from nemo_quant.utils.progress import progress
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
