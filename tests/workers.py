@@ -248,3 +248,19 @@ def export_checkpoint_at(checkpoint: str, tp: int, pp: int, out_dir: str, fmt: s
     export_checkpoint(model, read_arch(checkpoint),
                       ExportConfig(format=fmt, path=out_dir, dtype="float32", inference_tp=inference_tp,
                                    inference_pp=inference_pp))
+
+
+def export_failing_on_rank0(checkpoint: str, tp: int, pp: int, out_dir: str, fail_at_layer: int) -> None:
+    """Export where rank 0's HF writer fails (a full disk) after `fail_at_layer` layers."""
+    from nemo_quant.export.hf import HFWriter
+
+    original, calls = HFWriter.layer, {"n": 0}
+
+    def failing(self, layer):  # only rank 0 writes, so only rank 0 ever calls it
+        calls["n"] += 1
+        if calls["n"] > fail_at_layer:
+            raise OSError("No space left on device (injected)")
+        return original(self, layer)
+
+    HFWriter.layer = failing
+    export_checkpoint_at(checkpoint, tp, pp, out_dir, "hf", 1)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from nemo_quant.checkpoint.atomic import atomic_directory
-from nemo_quant.distributed import gather_messages
+from nemo_quant.distributed import any_rank, gather_messages
 from nemo_quant.export.config import ExportConfig, ExportTarget
 from nemo_quant.export.formats import ExportError
 from nemo_quant.export.gather import layer_specs, stream_model
@@ -93,31 +93,47 @@ def export_checkpoint(model, arch: LlamaArch, cfg: ExportConfig, tokenizer=None)
     summary = QuantSummary()
     with atomic_directory(result.path, cfg.overwrite, key="export.path") as staging:
         writers = _writers(staging, arch, dtype, cfg) if is_main_rank() else {}
+        stream = stream_model(model, arch.vocab_size)
+        failure = None
         try:
-            bar = progress(arch.num_layers, "export", unit="layer")
-            for kind, item in stream_model(model, arch.vocab_size):
-                if kind == "layer":
-                    item = convert_layer(item, arch)
-                    summary.add(item)
-                    bar.update(1)
-                for w in writers.values():
-                    if kind == "head":
-                        w.head(*item)
-                    else:
-                        getattr(w, kind)(item)
-            bar.close()
+            _consume(stream, writers, summary, arch)
             for name, w in writers.items():
                 result.files += w.finish(summary, tokenizer, _producer()) if name == "hf" else w.finish(summary, _producer())
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            failure = e
+            for w in writers.values():
+                w.abort()
+            for _ in stream:  # let the other stages finish sending, so that every rank reaches the agreement
+                pass
         except BaseException:
             for w in writers.values():
                 w.abort()
             raise
+        # One rank failing (a full disk on the writer) fails the export on all of them, promptly.
+        if any_rank(failure is not None):
+            raise failure or ExportError("the export failed on the writing rank (see its error); nothing was written "
+                                         "to export.path.")
     result.seconds = time.perf_counter() - start
     result.quant_algo = summary.quant_algo if is_main_rank() else None
     if is_main_rank():
         result.files = [result.path / f.relative_to(staging) for f in result.files]
         result.bytes_written = sum(f.stat().st_size for f in result.path.rglob("*") if f.is_file())
     return result
+
+
+def _consume(stream, writers: dict, summary: QuantSummary, arch: LlamaArch) -> None:
+    bar = progress(arch.num_layers, "export", unit="layer")
+    for kind, item in stream:
+        if kind == "layer":
+            item = convert_layer(item, arch)
+            summary.add(item)
+            bar.update(1)
+        for w in writers.values():
+            if kind == "head":
+                w.head(*item)
+            else:
+                getattr(w, kind)(item)
+    bar.close()
 
 
 def _writers(staging: Path, arch: LlamaArch, dtype: torch.dtype, cfg: ExportConfig) -> dict:

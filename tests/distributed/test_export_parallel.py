@@ -2,7 +2,7 @@
 (saved at TP=1, Megatron dist checkpoint) loaded at TP=2, PP=2 and DP=2 in spawned gloo ranks."""
 import pytest
 
-from nemo_quant.runtime.spawn import run_distributed
+from nemo_quant.runtime.spawn import ChildProcessError, run_distributed
 from tests import workers
 from tests.quant_helpers import tokens
 
@@ -50,3 +50,16 @@ def test_inference_pp2_renumbers_layers_per_stage(tiny_dir, tmp_path):
         assert ("transformer.vocab_embedding.weight" in header) == first
         assert ("lm_head.weight" in header) == ("transformer.ln_f.weight" in header) == last
         assert {k.split(".")[2] for k in header if k.startswith("transformer.layers.")} == {"0", "1"}
+
+
+def test_writer_failure_fails_every_rank_promptly_and_leaves_nothing(tiny_dir, tmp_path):
+    """Rank 0 (stage 0) fails while stage 1 still has layers to send: every rank must raise
+    (no rank waiting out the process-group timeout) and no export.path may appear."""
+    ckpt = tmp_path / "ckpt"
+    run_distributed(workers.quantized_logits, 1, str(tiny_dir / "hf"), 1, NVFP4, tokens(0), tokens(1), str(ckpt))
+    out = tmp_path / "out"
+    with pytest.raises(ChildProcessError) as failed:
+        run_distributed(workers.export_failing_on_rank0, 2, str(ckpt), 1, 2, str(out), 1, timeout_s=90)
+    assert "timed out" not in str(failed.value)
+    assert "injected" in str(failed.value) or "failed on the writing rank" in str(failed.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no target, no staging directory
