@@ -28,3 +28,19 @@ def loop_over(*batches):
         for b in batches:
             forward_batches(model, [b], lambda o, t: None, 1)
     return loop
+
+# The exportable formats, as the export tests quantize them (KV cache in FP8 where shown).
+FP8_KV = {"name": "fp8", "weight": {"format": "fp8_e4m3"}, "input": {"format": "fp8_e4m3"},
+          "kv_cache": {"format": "fp8_e4m3"}}
+INT8_SQ = {"name": "sq", "algorithm": "smoothquant", "weight": {"format": "int8", "granularity": "channel"},
+           "input": {"format": "int8"}}
+NVFP4_KV = {"name": "nvfp4", "weight": {"format": "nvfp4", "granularity": "block"},
+            "input": {"format": "nvfp4", "granularity": "block"}, "kv_cache": {"format": "fp8_e4m3"}}
+
+
+def int4_awq(block: int, algorithm: str = "awq_lite") -> dict:
+    return {"name": "awq", "algorithm": algorithm, "weight": {"format": "int4", "granularity": "block", "block_size": block}}
+
+
+def w4a8_awq(block: int) -> dict:
+    return {**int4_awq(block), "name": "w4a8", "input": {"format": "fp8_e4m3"}}

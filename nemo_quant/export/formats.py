@@ -138,10 +138,8 @@ def cat_rows(parts: list[QuantizedLinear]) -> QuantizedLinear:
     ws = first.weight_scale
     if ws is not None and ws.ndim >= 1:
         ws = torch.cat([p.weight_scale for p in parts])
-    elif ws is not None:
-        ws = torch.stack([p.weight_scale for p in parts]).amax()
-        if any(not torch.equal(p.weight_scale, ws) for p in parts):
-            raise ExportError("fused rows have different per-tensor weight scales")
+    elif ws is not None and any(not torch.equal(p.weight_scale, ws) for p in parts):
+        raise ExportError("fused rows have different per-tensor weight scales")
     return replace(first, weight=torch.cat([p.weight for p in parts]), weight_scale=ws)
 
 

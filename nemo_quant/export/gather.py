@@ -133,21 +133,21 @@ def stream_model(model, vocab_size: int) -> Iterator[tuple[str, object]]:
     pp = len(stage_ranks)
     stage = ps.get_pipeline_model_parallel_rank() if dist.is_initialized() else 0
     layers = list(model.decoder.layers)
-    per_stage = len(layers)
     if not takes_part:
         return
     if stage == 0:
         emb = _gather(model.embedding.word_embeddings.weight, 0)[:vocab_size]
         if rank == 0:
             yield "embedding", emb
-    for local in range(per_stage) if stage != 0 or rank != 0 else []:
-        piece = _piece(layers[local])
-        if sender:
-            _send(piece, 0)
-    if rank == 0:
+    if rank != 0:  # rank 0 (stage 0) gathers its own layers below, one at a time, as it yields them
+        for layer in layers:
+            piece = _piece(layer)
+            if sender:
+                _send(piece, 0)
+    else:
         for s in range(pp):
-            for local in range(per_stage):
-                yield "layer", _piece(layers[local]) if s == 0 else _recv(stage_ranks[s])
+            for layer in layers:
+                yield "layer", _piece(layer) if s == 0 else _recv(stage_ranks[s])
     if stage == pp - 1:
         head = _head(model, vocab_size)
         if rank == 0:
@@ -164,7 +164,7 @@ def _piece(layer) -> LayerPiece:
 
 
 def _head(model, vocab_size: int):
-    norm = model.decoder.final_layernorm.weight.detach().clone()
+    norm = model.decoder.final_layernorm.weight.detach()
     output = None
     if not model.share_embeddings_and_output_weights:
         output = _gather(model.output_layer.weight, 0)[:vocab_size]

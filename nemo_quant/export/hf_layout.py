@@ -19,7 +19,7 @@ from nemo_quant.models.arch import LlamaArch
 from nemo_quant.models.megatron_layout import split_qkv
 from nemo_quant.numerics.fp8 import fp8_scale
 from nemo_quant.numerics.minifloat import E4M3
-from nemo_quant.quantization.config import QFormat
+from nemo_quant.quantization.config import Granularity, QFormat
 
 ATTN, MLP = "self_attention.", "mlp."
 # HF projections of each Megatron linear, in row order of the fused tensor.
@@ -80,8 +80,6 @@ def check_pre_quant_scale(fmt: ExportFormat, pqs: torch.Tensor | None, fused: bo
 
 
 def check_kv_spec(spec, where: str) -> None:
-    from nemo_quant.quantization.config import Granularity
-
     if QFormat(spec.format) != QFormat.fp8_e4m3 or Granularity(spec.granularity) != Granularity.tensor:
         raise ExportError(f"{where}: quant.kv_cache={QFormat(spec.format).value}/{Granularity(spec.granularity).value} "
                           "cannot be exported; checkpoints carry FP8 (E4M3) per-tensor KV-cache scales only.")

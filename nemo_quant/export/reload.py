@@ -62,6 +62,7 @@ class HFQuantizedCheckpoint:
         self.path = Path(path)
         self.source = HFSafetensorsSource(self.path)
         self.arch = self.source.arch
+        self._names = set(self.source.names())
         config = json.loads((self.path / "config.json").read_text())
         report = Report()
         self.quant: QuantBlock = hf_quant_block(self.path, config, report)
@@ -77,8 +78,7 @@ class HFQuantizedCheckpoint:
         return FORMAT_OF_ALGO[algo], group
 
     def linear(self, module: str) -> QuantizedLinear:
-        names = set(self.source.names())
-        get = lambda s: self.source.raw(f"{module}.{s}") if f"{module}.{s}" in names else None  # noqa: E731
+        get = lambda s: self.source.raw(f"{module}.{s}") if f"{module}.{s}" in self._names else None  # noqa: E731
         return unpack_linear(*self.format_of(module), get, HF_SUFFIXES)
 
     def kv_scales(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:

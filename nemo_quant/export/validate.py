@@ -302,9 +302,9 @@ def validate_trtllm(directory: Path, report: Report) -> None:
             expected[p + "post_layernorm.weight"] = ({dtype}, [[a.h]], True)
             for module, dims in TRT_MODULES.items():
                 out, inp = dims(a, tp)
-                algo, group = quant.of(p + module)
-                if quant.algo == "MIXED_PRECISION":
-                    algo, group = quant.of(f"transformer.layers.{stage * per_stage + j}.{module}")
+                # quant_cfg.json names layers globally; exclude_modules as the rank's model does.
+                layer = stage * per_stage + j if quant.algo == "MIXED_PRECISION" else j
+                algo, group = quant.of(f"transformer.layers.{layer}.{module}")
                 _packing(algo, out, inp, group, f"{path.name}: {p}{module}", report)
                 for suffix, e in _linear_expect(algo, out, inp, dtype, group, False, quant.pqs).items():
                     expected[f"{p}{module}.{suffix}"] = e

@@ -14,19 +14,15 @@ from nemo_quant.export.validate import validate_checkpoint
 from nemo_quant.models.megatron_layout import split_qkv
 from nemo_quant.modes import apply_modes
 from nemo_quant.quantization.calibrate import calibrate
-from tests.quant_helpers import logits, loop_over, tokens
+from tests.quant_helpers import FP8_KV, INT8_SQ, NVFP4_KV, int4_awq, logits, loop_over, tokens, w4a8_awq
 from tests.tiny_models import TINY
 
-KV = {"format": "fp8_e4m3"}
 PRESETS = {
-    "fp8_kv": {"name": "fp8", "weight": {"format": "fp8_e4m3"}, "input": {"format": "fp8_e4m3"}, "kv_cache": KV},
-    "int8_sq": {"name": "sq", "algorithm": "smoothquant", "weight": {"format": "int8", "granularity": "channel"},
-                "input": {"format": "int8"}},
-    "int4_awq": {"name": "awq", "algorithm": "awq_full", "weight": {"format": "int4", "granularity": "block", "block_size": 16}},
-    "w4a8_awq": {"name": "w4a8", "algorithm": "awq_lite", "weight": {"format": "int4", "granularity": "block", "block_size": 16},
-                 "input": {"format": "fp8_e4m3"}},
-    "nvfp4_kv": {"name": "nvfp4", "weight": {"format": "nvfp4", "granularity": "block"},
-                 "input": {"format": "nvfp4", "granularity": "block"}, "kv_cache": KV},
+    "fp8_kv": FP8_KV,
+    "int8_sq": INT8_SQ,
+    "int4_awq": int4_awq(16, "awq_full"),
+    "w4a8_awq": w4a8_awq(16),
+    "nvfp4_kv": NVFP4_KV,
     "mixed": {"name": "mixed", "weight": {"format": "fp8_e4m3"}, "input": {"format": "fp8_e4m3"}, "overrides": [
         {"pattern": "decoder.layers.0.*", "weight": {"format": "nvfp4", "granularity": "block"},
          "input": {"format": "nvfp4", "granularity": "block"}},

@@ -10,23 +10,14 @@ from nemo_quant.models.arch import LlamaArch
 from nemo_quant.modes import apply_modes
 from nemo_quant.quantization.calibrate import calibrate
 from tests.manifests import manifest_of, materialise, modelopt_manifests
-from tests.quant_helpers import loop_over
+from tests.quant_helpers import FP8_KV, INT8_SQ, NVFP4_KV, int4_awq, loop_over, w4a8_awq
 
 MANIFESTS = modelopt_manifests()
 # The random Llama ModelOpt quantized (see make_modelopt_manifests.ARCH).
 MO_ARCH = LlamaArch(num_layers=2, hidden_size=256, num_attention_heads=8, num_query_groups=2, ffn_hidden_size=512,
                     vocab_size=512, max_position_embeddings=256, tie_word_embeddings=False)
-KV = {"format": "fp8_e4m3"}
-OURS = {  # our preset for each ModelOpt recipe
-    "fp8": {"name": "fp8", "weight": {"format": "fp8_e4m3"}, "input": {"format": "fp8_e4m3"}, "kv_cache": KV},
-    "int8_sq": {"name": "sq", "algorithm": "smoothquant", "weight": {"format": "int8", "granularity": "channel"},
-                "input": {"format": "int8"}},
-    "w4a16_awq": {"name": "awq", "algorithm": "awq_lite", "weight": {"format": "int4", "granularity": "block", "block_size": 128}},
-    "w4a8_awq": {"name": "w4a8", "algorithm": "awq_lite", "weight": {"format": "int4", "granularity": "block", "block_size": 128},
-                 "input": {"format": "fp8_e4m3"}},
-    "nvfp4": {"name": "nvfp4", "weight": {"format": "nvfp4", "granularity": "block"},
-              "input": {"format": "nvfp4", "granularity": "block"}, "kv_cache": KV},
-}
+# our preset for each ModelOpt recipe
+OURS = {"fp8": FP8_KV, "int8_sq": INT8_SQ, "w4a16_awq": int4_awq(128), "w4a8_awq": w4a8_awq(128), "nvfp4": NVFP4_KV}
 CHECKPOINTS = [(fmt, kind) for fmt, entry in MANIFESTS.items() for kind in entry]
 
 
