@@ -17,9 +17,10 @@ setup(
     version="0.1.0",
     description=__doc__,
     python_requires=">=3.10",
-    packages=find_packages(include=["nemo_quant", "nemo_quant.*"]) + ["nemo_quant.conf"],
-    package_dir={"nemo_quant.conf": "conf"},
-    package_data={"nemo_quant.conf": conf_files()},
+    # conf/ and kernels/ live at the top level of the repository and install inside the package.
+    packages=find_packages(include=["nemo_quant", "nemo_quant.*"]) + ["nemo_quant.conf", "nemo_quant.kernels"],
+    package_dir={"nemo_quant.conf": "conf", "nemo_quant.kernels": "kernels"},
+    package_data={"nemo_quant.conf": conf_files(), "nemo_quant.kernels": ["cpu/*.cpp"]},
     install_requires=[
         "torch>=2.4",
         "megatron-core>=0.16",
@@ -31,11 +32,13 @@ setup(
         "gguf>=0.10",
         "tqdm>=4.66",
         "numpy",
+        "ninja>=1.11",  # just-in-time build of the C++ CPU kernels
     ],
     extras_require={
         "lightning": ["lightning>=2.4,<2.5"],
         # transformers: an independent consumer of the unified HF export in the tests.
-        "test": ["pytest>=8", "lightning>=2.4,<2.5", "transformers>=4.56"],
+        # triton: its interpreter runs the GPU kernels' code on CPU in the tests.
+        "test": ["pytest>=8", "lightning>=2.4,<2.5", "transformers>=4.56", "triton>=3.4,<4"],
         # GPU-only; never installed in CI (transformer-engine cannot import without CUDA).
         "te": ["transformer-engine[pytorch]"],
     },

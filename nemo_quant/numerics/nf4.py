@@ -22,6 +22,9 @@ NF4_CODEBOOK = torch.tensor([
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 ])
+# Midpoints between consecutive levels: a value's nearest level is the number of midpoints
+# below it (a value on a midpoint takes the lower level).
+NF4_MIDPOINTS = (NF4_CODEBOOK[1:] + NF4_CODEBOOK[:-1]) / 2
 
 
 @dataclass
@@ -41,28 +44,40 @@ class NF4Tensor:
 
 
 def _nearest_code(normalised: torch.Tensor) -> torch.Tensor:
-    # Midpoints between sorted levels: searchsorted gives the nearest level's index.
-    mids = (NF4_CODEBOOK[1:] + NF4_CODEBOOK[:-1]) / 2
-    return torch.bucketize(normalised, mids.to(normalised.device)).to(torch.uint8)
+    return torch.bucketize(normalised, NF4_MIDPOINTS.to(normalised.device)).to(torch.uint8)
+
+
+def _double_quantize(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int8 codes, per-256 fp32 scales and the mean of the flat absmax constants."""
+    mean = flat.mean()
+    centered = to_blocks(flat - mean, NF4_SCALE_BLOCK)
+    s_amax = centered.abs().amax(dim=-1, keepdim=True)
+    s_scale = torch.where(s_amax > 0, s_amax / 127, torch.ones_like(s_amax))
+    s_codes = torch.clamp(torch.round(centered / s_scale), -127, 127).to(torch.int8)
+    return from_blocks(s_codes, flat.numel()), s_scale.squeeze(-1), mean
+
+
+def _double_dequantize(s_codes: torch.Tensor, s_scale: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    flat = s_codes.reshape(-1).float()
+    sb = to_blocks(flat, NF4_SCALE_BLOCK) * s_scale.unsqueeze(-1)
+    return (from_blocks(sb, flat.numel()) + mean).reshape(s_codes.shape)
+
+
+def double_quantized_absmax(absmax: torch.Tensor) -> torch.Tensor:
+    """The absmax constants as NF4 stores them (what dequantization multiplies by)."""
+    return _double_dequantize(*_double_quantize(absmax.reshape(-1))).reshape(absmax.shape)
 
 
 def nf4_quantize(w: torch.Tensor, block_size: int = NF4_BLOCK) -> NF4Tensor:
     wb = to_blocks(w.float(), block_size)
     absmax = wb.abs().amax(dim=-1)
     codes = _nearest_code(wb / torch.where(absmax > 0, absmax, torch.ones_like(absmax)).unsqueeze(-1))
-    flat = absmax.reshape(-1)
-    mean = flat.mean()
-    centered = to_blocks(flat - mean, NF4_SCALE_BLOCK)
-    s_amax = centered.abs().amax(dim=-1, keepdim=True)
-    s_scale = torch.where(s_amax > 0, s_amax / 127, torch.ones_like(s_amax))
-    s_codes = torch.clamp(torch.round(centered / s_scale), -127, 127).to(torch.int8)
-    return NF4Tensor(codes, from_blocks(s_codes, flat.numel()).reshape(absmax.shape), s_scale.squeeze(-1), mean, tuple(w.shape))
+    s_codes, s_scale, mean = _double_quantize(absmax.reshape(-1))
+    return NF4Tensor(codes, s_codes.reshape(absmax.shape), s_scale, mean, tuple(w.shape))
 
 
 def nf4_block_absmax(t: NF4Tensor) -> torch.Tensor:
-    flat = t.scale_codes.reshape(-1).float()
-    sb = to_blocks(flat, NF4_SCALE_BLOCK) * t.scale_scales.unsqueeze(-1)
-    return (from_blocks(sb, flat.numel()) + t.scale_mean).reshape(t.scale_codes.shape)
+    return _double_dequantize(t.scale_codes, t.scale_scales, t.scale_mean)
 
 
 def nf4_dequantize(t: NF4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Format dispatch for fake quantization, and the straight-through estimator around it."""
+"""Fake quantization: the pure-torch reference per format, the kernel dispatch in front of it,
+and the straight-through estimator around both."""
 from __future__ import annotations
 
 import torch
@@ -9,10 +10,11 @@ from nemo_quant.numerics.mx import fake_quant_mx
 from nemo_quant.numerics.nf4 import fake_quant_nf4
 from nemo_quant.numerics.nvfp4 import fake_quant_nvfp4
 from nemo_quant.quantization.config import FP8, INT_BITS, Granularity, QFormat, QuantizerSpec, Ste
+from nemo_quant.quantization.kernel_dispatch import backend_for, report_reference_layout
 
 
-def fake_quant(x: torch.Tensor, spec: QuantizerSpec, amax: torch.Tensor) -> torch.Tensor:
-    """Quantize-dequantize `x` (no gradient logic). `amax` is shaped for broadcasting."""
+def reference_fake_quant(x: torch.Tensor, spec: QuantizerSpec, amax: torch.Tensor) -> torch.Tensor:
+    """Quantize-dequantize `x` in pure torch: the numerics every kernel must reproduce."""
     fmt = QFormat(spec.format)
     block = spec.effective_block_size()
     if fmt in INT_BITS:
@@ -30,13 +32,39 @@ def fake_quant(x: torch.Tensor, spec: QuantizerSpec, amax: torch.Tensor) -> torc
     raise ValueError(f"unknown format {spec.format}")
 
 
+def fake_quant(x: torch.Tensor, spec: QuantizerSpec, amax: torch.Tensor) -> torch.Tensor:
+    """Quantize-dequantize `x` (no gradient logic). `amax` is shaped for broadcasting."""
+    backend = backend_for(x.device)
+    if backend is not None:
+        out = backend.fake_quant(x.detach(), spec, amax)
+        if out is not None:
+            return out
+        report_reference_layout(QFormat(spec.format).value, f"{x.dtype}, x{tuple(x.shape)}, amax{tuple(amax.shape)}")
+    return reference_fake_quant(x, spec, amax)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the fake-quantized tensor. Backward: the gradient unchanged, or zeroed where
+    |x| > amax (clipped). One kernel call forward, at most one mask backward."""
+
+    @staticmethod
+    def forward(ctx, x, amax, spec, clipped):
+        if clipped:
+            ctx.save_for_backward(x, amax)
+        ctx.clipped = clipped
+        return fake_quant(x, spec, amax)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.clipped:
+            return grad, None, None, None
+        x, amax = ctx.saved_tensors
+        return grad * (x.abs() <= amax).to(grad.dtype), None, None, None
+
+
 def fake_quant_ste(x: torch.Tensor, spec: QuantizerSpec, amax: torch.Tensor) -> torch.Tensor:
     """Forward: fake-quantized x. Backward: identity (plain) or identity inside [-amax, amax]."""
-    with torch.no_grad():
-        q = fake_quant(x, spec, amax)
     if not x.requires_grad:
-        return q
-    if Ste(spec.ste) == Ste.clipped and amax.numel() and Granularity(spec.granularity) != Granularity.block:
-        mask = (x.abs() <= amax).to(x.dtype)
-        return q + (x - x.detach()) * mask
-    return q + (x - x.detach())
+        return fake_quant(x, spec, amax)
+    clipped = Ste(spec.ste) == Ste.clipped and amax.numel() > 0 and Granularity(spec.granularity) != Granularity.block
+    return _StraightThrough.apply(x, amax.detach(), spec, clipped)
