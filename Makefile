@@ -8,7 +8,7 @@ CORPUS := $(VENV)/.corpus-done
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup demo test test-fast bench bench-modelopt modelopt-venv clean
+.PHONY: setup demo test test-fast bench bench-kernels bench-modelopt modelopt-venv clean
 
 setup: $(STAMP) $(CORPUS)
 
@@ -36,9 +36,13 @@ demo: setup
 	  export=both export.path=$(DEMO_EXPORT) export.overwrite=true
 	$(BIN)/nemo-quant validate $(DEMO_EXPORT)/hf $(DEMO_EXPORT)/trtllm
 
-bench: setup
+bench: setup bench-kernels
 	$(BIN)/python benchmarks/ptq_accuracy.py
 	$(BIN)/python benchmarks/export_throughput.py
+
+# Fake-quant kernels vs the pure-torch reference on CPU; vs a device copy on a GPU.
+bench-kernels: setup
+	$(BIN)/python benchmarks/kernels.py $(BENCH_ARGS)
 
 # NVIDIA ModelOpt for the side-by-side benchmark only: its own virtualenv, never a dependency
 # of nemo_quant. Same torch pin (constraints.txt), HF transformers for LlamaForCausalLM.

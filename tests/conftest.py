@@ -7,6 +7,18 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("NEMO_QUANT_QUIET", "1")
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# Without CUDA the Triton kernels run under Triton's interpreter (numpy on CPU tensors), so
+# their code is tested everywhere; it must be set before triton is first imported.
+if not _cuda_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")
     config.addinivalue_line("markers", "distributed: spawns gloo process groups")

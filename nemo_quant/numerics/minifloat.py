@@ -2,7 +2,8 @@
 
 This is the reference every faster path (torch float8 casts, kernels) is tested against.
 Values are rounded in fp32 arithmetic that is exact for these grids: each step is a power
-of two, so x / step and its rounding introduce no error beyond the rounding itself.
+of two (from the exact exponent of x), so x / step and its rounding introduce no error
+beyond the rounding itself.
 """
 from __future__ import annotations
 
@@ -47,11 +48,19 @@ E5M2 = MiniFloat("e5m2", 5, 2, 57344.0)
 E2M1 = MiniFloat("e2m1", 2, 1, 6.0)
 
 
+def floor_log2(x: torch.Tensor) -> torch.Tensor:
+    """floor(log2(x)) for positive fp32 x, exactly (fp32 subnormals included).
+
+    torch.log2 rounds: just below 2^k it can return k (for x near the fp32 maximum that
+    makes an MX scale overflow), so the exponent comes from frexp instead."""
+    return (torch.frexp(x.float()).exponent - 1).float()
+
+
 def round_to_minifloat(x: torch.Tensor, fmt: MiniFloat) -> torch.Tensor:
     """Round fp32 `x` to the nearest value of `fmt` (ties to even), saturating at +-max."""
     x = x.float()
     mag = x.abs().clamp(max=fmt.max_value)
-    exp = torch.floor(torch.log2(mag.clamp(min=2.0 ** fmt.min_normal_exp)))
+    exp = floor_log2(mag.clamp(min=2.0 ** fmt.min_normal_exp))
     step = torch.exp2(exp - fmt.man_bits)
     q = torch.round(mag / step) * step  # torch.round is round-half-to-even
     return torch.copysign(q.clamp(max=fmt.max_value), x)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from nemo_quant.numerics.blocks import from_blocks, to_blocks
-from nemo_quant.numerics.minifloat import E2M1, E4M3, MiniFloat, round_to_minifloat
+from nemo_quant.numerics.minifloat import E2M1, E4M3, MiniFloat, floor_log2, round_to_minifloat
 
 MX_BLOCK = 32
 MX_ELEMENTS = {"mxfp4": E2M1, "mxfp8": E4M3}
@@ -19,7 +19,7 @@ E8M0_MIN_EXP, E8M0_MAX_EXP = -127, 127
 
 def mx_shared_exponent(xb: torch.Tensor, elem: MiniFloat) -> torch.Tensor:
     block_amax = xb.abs().amax(dim=-1, keepdim=True).float()
-    exp = torch.floor(torch.log2(block_amax.clamp(min=2.0 ** -127))) - elem.emax
+    exp = floor_log2(block_amax.clamp(min=2.0 ** -127)) - elem.emax
     return exp.clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
 
 

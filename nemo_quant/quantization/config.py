@@ -129,3 +129,7 @@ class QuantConfig:
     # use `weight` / `input`.
     overrides: list[LayerOverride] = field(default_factory=list)
     auto: Optional[AutoConfig] = None
+    # Fake-quant implementation: auto (kernels where they build, else the pure-torch
+    # reference, reported), reference, or kernels (error without them). null = the
+    # NEMO_QUANT_KERNELS environment variable, default auto.
+    kernels: Optional[str] = None

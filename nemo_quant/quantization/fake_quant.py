@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from nemo_quant.numerics.blocks import to_blocks
 from nemo_quant.numerics.fp8 import fake_quant_fp8
 from nemo_quant.numerics.integer import fake_quant_int, fake_quant_int_blocks
 from nemo_quant.numerics.mx import fake_quant_mx
@@ -41,6 +42,19 @@ def fake_quant(x: torch.Tensor, spec: QuantizerSpec, amax: torch.Tensor) -> torc
             return out
         report_reference_layout(QFormat(spec.format).value, f"{x.dtype}, x{tuple(x.shape)}, amax{tuple(amax.shape)}")
     return reference_fake_quant(x, spec, amax)
+
+
+def abs_max(x: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """|x| maxima in x's dtype: of the whole tensor (block None), or per `block` columns of
+    the last dim ([..., blocks]; block = x.shape[-1] gives one per row), NaN-propagating."""
+    backend = backend_for(x.device)
+    if backend is not None and backend.supports(x) and x.dim() >= (0 if block is None else 1):
+        if block is None:
+            return backend.absmax(x.detach(), 0).to(x.dtype)
+        return backend.absmax(x.detach(), block).reshape(*x.shape[:-1], -1).to(x.dtype)
+    if block is None:
+        return x.abs().amax()
+    return to_blocks(x, block).abs().amax(dim=-1)
 
 
 class _StraightThrough(torch.autograd.Function):

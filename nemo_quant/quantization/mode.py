@@ -10,6 +10,7 @@ from torch import nn
 from nemo_quant.config.validate import ConfigError
 from nemo_quant.modes import Mode, register_mode
 from nemo_quant.quantization.config import QuantConfig
+from nemo_quant.quantization.kernel_dispatch import set_kernel_policy
 from nemo_quant.quantization.modules import ConversionReport, convert_model
 from nemo_quant.quantization.validate import validate_quant_config
 from nemo_quant.runtime.distributed_init import is_main_rank
@@ -21,6 +22,8 @@ def _apply(model: nn.Module, cfg: QuantConfig) -> ConversionReport:
     if cfg.auto is not None:
         raise ConfigError("quant.auto is a search, not a format: run nemo_quant.quantization.mixed_precision.auto_plan "
                           "(nemo-quant ptq does) and apply the plan it returns.")
+    if cfg.kernels is not None:
+        set_kernel_policy(cfg.kernels)
     report = convert_model(model, cfg)
     hits = torch.tensor(report.pattern_hits + report.override_hits + [0], dtype=torch.int64)
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -16,7 +16,7 @@ from nemo_quant.numerics.blocks import num_blocks, to_blocks
 from nemo_quant.distributed import dp_all_gather_rows, tp_all_reduce
 from nemo_quant.quantization.calibrators import BatchPercentileCalibrator, MaxCalibrator, MseCalibrator, PercentileCalibrator
 from nemo_quant.quantization.config import BLOCK_ONLY, NO_CALIBRATION, CalibratorName, Granularity, QFormat, QuantizerSpec
-from nemo_quant.quantization.fake_quant import fake_quant, fake_quant_ste
+from nemo_quant.quantization.fake_quant import abs_max, fake_quant, fake_quant_ste
 
 
 class NotCalibratedError(RuntimeError):
@@ -76,12 +76,12 @@ class TensorQuantizer(nn.Module):
     def reduce_amax(self, x: torch.Tensor) -> torch.Tensor:
         shape = self._amax.shape
         if len(shape) == 0:
-            return x.abs().amax()
+            return abs_max(x)
         if self.per_channel:
-            return x.abs().amax(dim=1, keepdim=True)
+            return abs_max(x, x.shape[-1])
         if self._sliced(x):
             return self._per_global_block(x.abs().float(), "amax")
-        return to_blocks(x, self.spec.effective_block_size()).abs().amax(dim=-1)
+        return abs_max(x, self.spec.effective_block_size())
 
     def _fake_quant_args(self, x: torch.Tensor, amax: torch.Tensor):
         """(spec, amax) to quantize `x` with; sliced blocks become one scale per column."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from nemo_quant.config.validate import ConfigError
+from nemo_quant.quantization.kernel_dispatch import check_policy
 from nemo_quant.quantization.config import (
     BLOCK_ONLY, FP8, INT_BITS, SMOOTHING, Algorithm, Granularity, QFormat, QuantConfig, QuantizerSpec,
 )
@@ -28,6 +29,8 @@ def _check_spec(spec: QuantizerSpec, key: str, role: str) -> None:
 
 
 def validate_quant_config(cfg: QuantConfig, key: str = "quant") -> None:
+    if cfg.kernels is not None:
+        check_policy(cfg.kernels, f"{key}.kernels")
     if cfg.auto is not None:
         _check_auto(cfg, key)
     elif cfg.weight is None and cfg.input is None and cfg.kv_cache is None and not cfg.overrides:
