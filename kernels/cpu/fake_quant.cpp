@@ -152,15 +152,42 @@ Tensor fake_quant_fp8(const Tensor& x, const Tensor& amax, int64_t fmt, int64_t 
   });
 }
 
+// |x| maxima are taken on the bits: with the sign bit cleared, IEEE magnitudes order like
+// unsigned integers and every NaN sorts above infinity, so an integer max (which
+// vectorizes) is exact and propagates NaN.
+template <typename T> struct MagnitudeBits;
+template <> struct MagnitudeBits<float> {
+  using U = uint32_t;
+  static constexpr U mask = 0x7fffffffu;
+  static float value(U b) { return std::bit_cast<float>(b); }
+};
+template <> struct MagnitudeBits<double> {
+  using U = uint64_t;
+  static constexpr U mask = 0x7fffffffffffffffull;
+  static float value(U b) { return static_cast<float>(std::bit_cast<double>(b)); }
+};
+template <> struct MagnitudeBits<c10::BFloat16> {
+  using U = uint16_t;
+  static constexpr U mask = 0x7fff;
+  static float value(U b) { return static_cast<float>(c10::BFloat16(b, c10::BFloat16::from_bits())); }
+};
+template <> struct MagnitudeBits<c10::Half> {
+  using U = uint16_t;
+  static constexpr U mask = 0x7fff;
+  static float value(U b) { return static_cast<float>(c10::Half(b, c10::Half::from_bits())); }
+};
+
 // Block amax of the real (non-padded) elements of each block, NaN-propagating.
 template <typename scalar_t>
 inline float block_absmax(const scalar_t* row, int64_t c0, int64_t c1) {
-  float m = 0.0f;
+  using B = MagnitudeBits<scalar_t>;
+  const auto* bits = reinterpret_cast<const typename B::U*>(row);
+  typename B::U m = 0;
   for (int64_t c = c0; c < c1; ++c) {
-    const float v = std::fabs(load(row, c));
-    m = (v > m || v != v) ? v : m;
+    const typename B::U v = bits[c] & B::mask;
+    m = v > m ? v : m;
   }
-  return m;
+  return B::value(m);
 }
 
 // Ops whose scale is derived from each block's own amax (NVFP4 block scales, MX, NF4).
