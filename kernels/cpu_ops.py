@@ -7,6 +7,8 @@ contraction is off: the kernels must round exactly like the torch reference.
 from __future__ import annotations
 
 import functools
+import hashlib
+import platform
 from pathlib import Path
 
 import torch
@@ -18,12 +20,22 @@ SOURCE = Path(__file__).parent / "cpu" / "fake_quant.cpp"
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
 
 
+def cpu_tag() -> str:
+    """A short hash of the CPU's instruction-set flags: builds use -march=native, and a home
+    directory shared by a cluster's nodes must not hand one node's build to another CPU."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.machine() + platform.processor()
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+
+
 @functools.cache
 def load_ops():
     """torch.ops.nemo_quant_cpu, built on first use; raises if it cannot be built."""
     from torch.utils.cpp_extension import load
 
-    load("nemo_quant_cpu", [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+    load(f"nemo_quant_cpu_{cpu_tag()}", [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
          is_python_module=False, verbose=False)
     return torch.ops.nemo_quant_cpu
 
