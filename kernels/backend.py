@@ -84,6 +84,7 @@ class KernelBackend:
         """Same result as nemo_quant.quantization.fake_quant.reference_fake_quant, or None."""
         if not self.supports(x):
             return None
+        x = x.contiguous()  # kernels index a dense [rows, cols] view
         fmt, block = QFormat(spec.format), spec.effective_block_size()
         per_block = Granularity(spec.granularity) == Granularity.block
         if fmt in INT_BITS or fmt in FP8:
@@ -101,10 +102,3 @@ class KernelBackend:
             absmax = self.absmax(x, block)
             return self.nf4(x, double_quantized_absmax(absmax.reshape(-1)).contiguous(), block)
         return None
-
-    def block_absmax(self, x: torch.Tensor, block: int) -> torch.Tensor | None:
-        """|x| maxima per block along the last dim, shaped [..., blocks] like the reference."""
-        if not self.supports(x) or x.dim() < 1:
-            return None
-        return self.absmax(x, block).reshape(*x.shape[:-1], -1)
-

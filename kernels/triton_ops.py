@@ -181,9 +181,6 @@ class TritonKernels(KernelBackend):
     name = "triton"
     description = "Triton kernels (kernels/triton_ops.py)"
 
-    def supports(self, x: torch.Tensor) -> bool:
-        return super().supports(x) and x.is_contiguous()
-
     @staticmethod
     def _geometry(x: torch.Tensor, block: int) -> tuple[int, int, int, int]:
         cols = x.shape[-1] if x.dim() else 1

@@ -49,9 +49,10 @@ def abs_max(x: torch.Tensor, block: int | None = None) -> torch.Tensor:
     the last dim ([..., blocks]; block = x.shape[-1] gives one per row), NaN-propagating."""
     backend = backend_for(x.device)
     if backend is not None and backend.supports(x) and x.dim() >= (0 if block is None else 1):
+        x = x.detach().contiguous()
         if block is None:
-            return backend.absmax(x.detach(), 0).to(x.dtype)
-        return backend.absmax(x.detach(), block).reshape(*x.shape[:-1], -1).to(x.dtype)
+            return backend.absmax(x, 0).to(x.dtype)
+        return backend.absmax(x, block).reshape(*x.shape[:-1], -1).to(x.dtype)
     if block is None:
         return x.abs().amax()
     return to_blocks(x, block).abs().amax(dim=-1)
