@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from nemo_quant.kernels.formats import FP8_ELEMENTS, minifloat_id
+from nemo_quant.kernels.formats import minifloat_id
+from nemo_quant.numerics.fp8 import FP8_FORMATS
 from nemo_quant.numerics.blocks import num_blocks
 from nemo_quant.numerics.mx import MX_ELEMENTS
 from nemo_quant.numerics.nf4 import double_quantized_absmax
@@ -93,7 +94,7 @@ class KernelBackend:
                 return None
             if fmt in INT_BITS:
                 return self.int_(x, layout, INT_BITS[fmt])
-            return self.fp8(x, layout, minifloat_id(FP8_ELEMENTS[fmt.value]))
+            return self.fp8(x, layout, minifloat_id(FP8_FORMATS[fmt.value][0]))
         if fmt == QFormat.nvfp4:
             return self.nvfp4(x, amax.detach().float().reshape(1), block) if amax.numel() == 1 else None
         if fmt in (QFormat.mxfp4, QFormat.mxfp8):

@@ -11,15 +11,17 @@ checks it against the reference; on a GPU the `gpu`-marked tests check it again.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from nemo_quant.kernels.backend import KernelBackend, ScaleLayout
-from nemo_quant.numerics.minifloat import E2M1, E4M3, E5M2
+from nemo_quant.kernels.formats import MINIFLOATS
+from nemo_quant.numerics.minifloat import E4M3, MiniFloat
 from nemo_quant.numerics.nf4 import NF4_CODEBOOK, NF4_MIDPOINTS
 
-ELEMENTS = [E4M3, E5M2, E2M1]  # indexed by nemo_quant.kernels.formats.MINIFLOAT_IDS
 FLAT_BLOCK = 1024
 LAUNCH = {"enable_fp_fusion": False}
 
@@ -172,6 +174,17 @@ def _absmax_kernel(x_ptr, out_ptr, cols, nblocks, block, total, TILE: tl.constex
     tl.store(out_ptr + k, tl.where(nan > 0, float("nan"), m), mask=k < total)
 
 
+def _element(e: MiniFloat) -> dict:
+    """The constexpr arguments that describe an element format to `_round_minifloat`."""
+    return {"MAN_BITS": e.man_bits, "MIN_NORMAL": 2.0 ** e.min_normal_exp, "MAX_VALUE": e.max_value}
+
+
+@functools.cache
+def _nf4_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """NF4 codebook and midpoints on `device`, copied there once (not on every call)."""
+    return NF4_CODEBOOK.to(device), NF4_MIDPOINTS.to(device)
+
+
 def _tile(block: int, max_width: int = 256) -> tuple[int, int]:
     width = triton.next_power_of_2(min(block, max_width))
     return max(1, 2048 // width), width
@@ -195,15 +208,14 @@ class TritonKernels(KernelBackend):
         shared = layout.amax.numel() == 1
         grid = (triton.cdiv(x.numel(), FLAT_BLOCK),)
         _scaled_kernel[grid](x, out, layout.amax.to(x.device), x.numel(), cols, nblocks, block, SHARED=shared,
-                             IS_INT=is_int, QMAX=qmax, MAN_BITS=elem.man_bits, MIN_NORMAL=2.0 ** elem.min_normal_exp,
-                             MAX_VALUE=elem.max_value, BLOCK=FLAT_BLOCK, **LAUNCH)
+                             IS_INT=is_int, QMAX=qmax, BLOCK=FLAT_BLOCK, **_element(elem), **LAUNCH)
         return out
 
     def int_(self, x, layout, bits):
         return self._scaled(x, layout, True, float(2 ** (bits - 1) - 1))
 
     def fp8(self, x, layout, fmt_id):
-        return self._scaled(x, layout, False, 0.0, ELEMENTS[fmt_id])
+        return self._scaled(x, layout, False, 0.0, MINIFLOATS[fmt_id])
 
     def _blockwise(self, kernel, x, block, *args, **consts):
         out = torch.empty_like(x)
@@ -218,20 +230,18 @@ class TritonKernels(KernelBackend):
         return self._blockwise(_nvfp4_kernel, x, block, amax.to(x.device))
 
     def mx(self, x, fmt_id, block):
-        e = ELEMENTS[fmt_id]
-        return self._blockwise(_mx_kernel, x, block, EMAX=e.emax, MAN_BITS=e.man_bits,
-                               MIN_NORMAL=2.0 ** e.min_normal_exp, MAX_VALUE=e.max_value)
+        e = MINIFLOATS[fmt_id]
+        return self._blockwise(_mx_kernel, x, block, EMAX=e.emax, **_element(e))
 
     def nf4(self, x, absmax_dq, block):
-        return self._blockwise(_nf4_kernel, x, block, absmax_dq.to(x.device), NF4_CODEBOOK.to(x.device),
-                               NF4_MIDPOINTS.to(x.device))
+        return self._blockwise(_nf4_kernel, x, block, absmax_dq.to(x.device), *_nf4_tables(x.device))
 
     def nf4_dequantize(self, codes, absmax, block, dtype):
         codes = codes.contiguous()
         out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
         rows, cols, block, nblocks = self._geometry(codes, block)
         grid = (triton.cdiv(codes.numel(), FLAT_BLOCK),)
-        _nf4_dequantize_kernel[grid](codes, out, absmax.float().contiguous(), NF4_CODEBOOK.to(codes.device),
+        _nf4_dequantize_kernel[grid](codes, out, absmax.float().contiguous(), _nf4_tables(codes.device)[0],
                                      codes.numel(), cols, nblocks, block, BLOCK=FLAT_BLOCK, **LAUNCH)
         return out
 

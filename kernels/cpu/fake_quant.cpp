@@ -30,7 +30,7 @@ struct MiniFloat {
   float max_value;
 };
 
-// Element formats, indexed as nemo_quant/kernels/formats.py MINIFLOAT_IDS lists them.
+// Element formats, in the order of nemo_quant/kernels/formats.py MINIFLOATS (their ids).
 constexpr MiniFloat kMiniFloats[] = {
     {3, 0.015625f, 448.0f},          // e4m3
     {2, 6.103515625e-05f, 57344.0f},  // e5m2
@@ -91,14 +91,13 @@ void for_each_block(const Geometry& g, Fn fn) {
   });
 }
 
-// Per-tensor ops on a one-row tensor would run on one thread: re-view it as [chunks, 4096]
-// (same results, the scale is shared).
-Geometry elementwise_geometry(const Tensor& x, const Tensor& amax, int64_t block) {
-  Geometry g(x, block);
-  if (amax.numel() == 1 && g.rows < 64 && g.cols > 4096) {
-    g.rows = (x.numel() + 4095) / 4096;  // the ragged last row is handled by the bounds below
-    g.cols = 4096;
-    g.block = 4096;
+// Work with one shared scale (or one whole-tensor maximum) on a few long rows would run on
+// one thread: re-view it as [chunks, 4096]. The last chunk may be ragged; callers bound their
+// loops by numel.
+Geometry spread_long_rows(Geometry g, int64_t numel) {
+  if (g.rows < 64 && g.cols > 4096) {
+    g.rows = (numel + 4095) / 4096;
+    g.cols = g.block = 4096;
     g.nblocks = 1;
   }
   return g;
@@ -114,7 +113,7 @@ template <typename Elem>
 Tensor elementwise(const Tensor& x_in, const Tensor& amax, int64_t block, float amax_div, const char* op, Elem elem) {
   const Tensor x = x_in.contiguous();
   Tensor out = at::empty_like(x);
-  const Geometry g = elementwise_geometry(x, amax, block);
+  const Geometry g = amax.numel() == 1 ? spread_long_rows(Geometry(x, block), x.numel()) : Geometry(x, block);
   check_amax(amax, g, op);
   const float* a = amax.data_ptr<float>();
   const bool shared = amax.numel() == 1;
@@ -281,12 +280,7 @@ Tensor nf4_dequantize(const Tensor& codes_in, const Tensor& absmax, const Tensor
 Tensor absmax(const Tensor& x_in, int64_t block) {
   const Tensor x = x_in.contiguous();
   const bool whole = block == 0;
-  Geometry g(x, whole ? 0 : block);
-  if (whole && g.rows < 64 && g.cols > 4096) {  // spread a long row over threads
-    g.rows = (x.numel() + 4095) / 4096;
-    g.cols = g.block = 4096;
-    g.nblocks = 1;
-  }
+  const Geometry g = whole ? spread_long_rows(Geometry(x, 0), x.numel()) : Geometry(x, block);
   Tensor out = at::empty({g.rows, g.nblocks}, x.options().dtype(at::kFloat));
   float* op_ = out.data_ptr<float>();
   const int64_t n = x.numel();

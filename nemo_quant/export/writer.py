@@ -24,7 +24,6 @@ from nemo_quant.runtime.distributed_init import is_main_rank
 from nemo_quant.utils.progress import progress
 
 
-
 @dataclass
 class ExportResult:
     path: Path

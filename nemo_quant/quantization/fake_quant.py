@@ -40,7 +40,7 @@ def fake_quant(x: torch.Tensor, spec: QuantizerSpec, amax: torch.Tensor) -> torc
         out = backend.fake_quant(x.detach(), spec, amax)
         if out is not None:
             return out
-        report_reference_layout(QFormat(spec.format).value, f"{x.dtype}, x{tuple(x.shape)}, amax{tuple(amax.shape)}")
+        report_reference_layout(QFormat(spec.format).value, x, amax)
     return reference_fake_quant(x, spec, amax)
 
 
@@ -48,7 +48,7 @@ def abs_max(x: torch.Tensor, block: int | None = None) -> torch.Tensor:
     """|x| maxima in x's dtype: of the whole tensor (block None), or per `block` columns of
     the last dim ([..., blocks]; block = x.shape[-1] gives one per row), NaN-propagating."""
     backend = backend_for(x.device)
-    if backend is not None and backend.supports(x) and x.dim() >= (0 if block is None else 1):
+    if backend is not None and backend.supports(x) and (block is None or x.dim() > 0):
         x = x.detach().contiguous()
         if block is None:
             return backend.absmax(x, 0).to(x.dtype)

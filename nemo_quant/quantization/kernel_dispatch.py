@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from nemo_quant.config.validate import ConfigError
+from nemo_quant.utils.progress import quiet
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ BUILDERS: dict[str, tuple[Callable[[], object], str]] = {
 
 def _announce(message: str) -> None:
     log.info(message)
-    if os.environ.get("NEMO_QUANT_QUIET") != "1" and int(os.environ.get("RANK", "0")) == 0:
+    if not quiet():
         print(f"[nemo_quant] {message}", flush=True)
 
 
@@ -108,9 +109,11 @@ def backend_for(device: torch.device):
     return _selected[key]
 
 
-def report_reference_layout(fmt: str, what: str) -> None:
-    """Say once that a layout runs on the reference although kernels are selected."""
-    key = (fmt, what)
+def report_reference_layout(fmt: str, x: torch.Tensor, amax: torch.Tensor) -> None:
+    """Say once per format, dtype, rank and amax shape (not per batch shape) that a layout
+    runs on the reference although kernels are selected."""
+    key = (fmt, x.dtype, x.dim(), tuple(amax.shape))
     if key not in _reported:
         _reported.add(key)
-        log.warning("fake quantization: no kernel for %s with %s; this layout runs on the pure-torch reference.", fmt, what)
+        log.warning("fake quantization: no kernel for %s with %s, x%s, amax%s; this layout runs on the pure-torch "
+                    "reference.", fmt, x.dtype, tuple(x.shape), tuple(amax.shape))

@@ -7,7 +7,10 @@ import sys
 from tqdm.auto import tqdm
 
 
+def quiet() -> bool:
+    """True on ranks other than 0, or when NEMO_QUANT_QUIET=1 (the tests set it)."""
+    return int(os.environ.get("RANK", "0")) != 0 or os.environ.get("NEMO_QUANT_QUIET") == "1"
+
+
 def progress(total: int, desc: str, unit: str = "it"):
-    rank = int(os.environ.get("RANK", "0"))
-    quiet = rank != 0 or os.environ.get("NEMO_QUANT_QUIET") == "1"
-    return tqdm(total=total, desc=desc, unit=unit, disable=quiet, file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit=unit, disable=quiet(), file=sys.stderr, dynamic_ncols=True)
