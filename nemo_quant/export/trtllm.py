@@ -98,11 +98,12 @@ def _cols(ql: QuantizedLinear, r: int, tp: int) -> QuantizedLinear:
     return ql.cols(r * n, (r + 1) * n)
 
 
-def _vocab_rows(t: torch.Tensor, r: int, tp: int) -> torch.Tensor:
+def _vocab_shards(t: torch.Tensor, tp: int) -> tuple[torch.Tensor, ...]:
+    """Rows zero-padded once to a multiple of tp, then one view per rank."""
     padded = -(-t.shape[0] // tp) * tp
     if padded != t.shape[0]:
         t = torch.cat([t, t.new_zeros(padded - t.shape[0], t.shape[1])])
-    return t.chunk(tp)[r]
+    return t.chunk(tp)
 
 
 def layer_shards(layer: HFLayer, arch: LlamaArch, r: int, tp: int) -> dict[str, QuantizedLinear]:
@@ -132,17 +133,19 @@ class TRTLLMWriter:
         return self.files[tp_rank + pp_rank * self.tp]
 
     def embedding(self, weight: torch.Tensor) -> None:
-        for r in range(self.tp):
-            self._rank(r, 0).add("transformer.vocab_embedding.weight", _vocab_rows(weight.to(self.dtype), r, self.tp))
+        for r, shard in enumerate(_vocab_shards(weight.to(self.dtype), self.tp)):
+            self._rank(r, 0).add("transformer.vocab_embedding.weight", shard)
         self._embedding = weight  # lm_head of tied models (written with the head)
 
     def layer(self, layer: HFLayer) -> None:
         stage, local = divmod(layer.index, self.per_stage)
         prefix = f"transformer.layers.{local}."
+        input_norm = layer.norms["input_layernorm.weight"].to(self.dtype)
+        post_norm = layer.norms["post_attention_layernorm.weight"].to(self.dtype)
         for r in range(self.tp):
             out = self._rank(r, stage)
-            out.add(prefix + "input_layernorm.weight", layer.norms["input_layernorm.weight"].to(self.dtype))
-            out.add(prefix + "post_layernorm.weight", layer.norms["post_attention_layernorm.weight"].to(self.dtype))
+            out.add(prefix + "input_layernorm.weight", input_norm)
+            out.add(prefix + "post_layernorm.weight", post_norm)
             for module, ql in layer_shards(layer, self.arch, r, self.tp).items():
                 for suffix, t in trtllm_linear_tensors(ql, self.dtype).items():
                     out.add(f"{prefix}{module}.{suffix}", t)
@@ -155,10 +158,11 @@ class TRTLLMWriter:
 
     def head(self, norm: torch.Tensor, output: torch.Tensor | None) -> None:
         lm_head = (output if output is not None else self._embedding).to(self.dtype)
-        for r in range(self.tp):
+        norm = norm.to(self.dtype)
+        for r, shard in enumerate(_vocab_shards(lm_head, self.tp)):
             out = self._rank(r, self.pp - 1)
-            out.add("transformer.ln_f.weight", norm.to(self.dtype))
-            out.add("lm_head.weight", _vocab_rows(lm_head, r, self.tp))
+            out.add("transformer.ln_f.weight", norm)
+            out.add("lm_head.weight", shard)
 
     def finish(self, summary: QuantSummary, producer: dict) -> list[Path]:
         for f in self.files:
@@ -176,7 +180,7 @@ class TRTLLMWriter:
 
 
 def trtllm_config(arch: LlamaArch, dtype: torch.dtype, tp: int, pp: int, architecture: str, quant: dict, producer: dict) -> dict:
-    config = {
+    return {
         "producer": producer, "architecture": architecture, "dtype": DTYPE_NAMES[dtype],
         "logits_dtype": "float32", "num_hidden_layers": arch.num_layers,
         "num_attention_heads": arch.num_attention_heads, "num_key_value_heads": arch.num_query_groups,
@@ -191,4 +195,3 @@ def trtllm_config(arch: LlamaArch, dtype: torch.dtype, tp: int, pp: int, archite
         "mapping": {"world_size": tp * pp, "tp_size": tp, "pp_size": pp},
         "mlp_bias": False, "attn_bias": False, "quantization": quant,
     }
-    return config
