@@ -27,6 +27,9 @@ class Mode:
     apply: Callable[[nn.Module, Any], Any]  # mutates the model in place
     may_follow: frozenset[str] = frozenset()  # modes allowed to precede this one
     validate: Callable[[Any], None] = lambda cfg: None
+    # Refusals decided by the config and the model's shapes, without changing the model; run by
+    # the preflight on every rank before any forward pass (it may use collectives).
+    check: Callable[[nn.Module, Any], None] = lambda model, cfg: None
 
 
 _MODES: dict[str, Mode] = {}
@@ -64,17 +67,39 @@ def _to_config(mode: Mode, cfg: Any):
     return OmegaConf.to_object(merged)
 
 
-def apply_mode(model: nn.Module, name: str, cfg: Any) -> Any:
-    mode = get_mode(name)
-    applied = [entry["name"] for entry in mode_state(model)]
+def _check_order(name: str, mode: Mode, applied: list[str]) -> None:
     for earlier in applied:
         if earlier not in mode.may_follow:
             raise ModeError(
                 f"mode {name!r} cannot be applied after {earlier!r} (allowed before it: "
                 f"{', '.join(sorted(mode.may_follow)) or 'nothing'}); change the order of the modes."
             )
+
+
+def check_modes(model: nn.Module, modes: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """Validate `[(mode_name, config), ...]` against the model as `apply_modes` would see it
+    (order after the modes already applied, each config, each mode's shape checks) without
+    changing anything; returns the typed configs. Every rank must call it (checks may be
+    collective)."""
+    applied = [entry["name"] for entry in mode_state(model)]
+    typed_modes = []
+    for name, cfg in modes:
+        mode = get_mode(name)
+        _check_order(name, mode, applied)
+        typed = _to_config(mode, cfg)
+        mode.validate(typed)
+        mode.check(model, typed)
+        applied.append(name)
+        typed_modes.append((name, typed))
+    return typed_modes
+
+
+def apply_mode(model: nn.Module, name: str, cfg: Any) -> Any:
+    mode = get_mode(name)
+    _check_order(name, mode, [entry["name"] for entry in mode_state(model)])
     typed = _to_config(mode, cfg)
     mode.validate(typed)
+    mode.check(model, typed)
     result = mode.apply(model, typed)
     plain = OmegaConf.to_container(OmegaConf.structured(typed), enum_to_str=True)
     setattr(model, STATE_ATTR, [*mode_state(model), {"name": name, "config": plain}])

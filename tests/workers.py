@@ -264,3 +264,18 @@ def export_failing_on_rank0(checkpoint: str, tp: int, pp: int, out_dir: str, fai
 
     HFWriter.layer = failing
     export_checkpoint_at(checkpoint, tp, pp, out_dir, "hf", 1)
+
+
+def preflight_message(model_path: str, tp: int, pp: int, quant_cfg: dict, export_cfg: dict) -> str | None:
+    """Run the preflight at TP x PP; the message every rank raised (None if it passed)."""
+    from nemo_quant.models.loading import load_model
+    from nemo_quant.preflight import PreflightError, preflight
+    from nemo_quant.runtime.distributed_init import ParallelLayout, init_megatron
+
+    init_megatron(ParallelLayout(tp, pp), timeout_s=120)
+    loaded = load_model(model_path)
+    try:
+        preflight(loaded.model, loaded.source.arch, [("quantize", quant_cfg)], export_cfg)
+    except PreflightError as e:
+        return str(e)
+    return None

@@ -17,11 +17,18 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="pkg://nemo_quant.conf", config_name="config")
 def hydra_entry(cfg: DictConfig) -> None:
+    import os
+
     from nemo_quant.cli.commands import COMMANDS
-    from nemo_quant.config.validate import validate
+    from nemo_quant.config.validate import ConfigError, validate
 
     validate(cfg)
-    COMMANDS[cfg.command](cfg)
+    try:
+        COMMANDS[cfg.command](cfg)
+    except ConfigError as e:  # the preflight's refusals: a message naming the key and the fix, no traceback
+        if os.environ.get("RANK", "0") == "0":
+            print(f"nemo-quant {cfg.command}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 # Hydra flags that take a value; argparse wants flags before the positional overrides.

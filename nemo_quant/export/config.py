@@ -30,3 +30,13 @@ class ExportConfig:
     overwrite: bool = False  # replace an existing export.path
     max_shard_size_gb: float = 5.0  # HF checkpoint: split model*.safetensors above this size
     trtllm_architecture: str = "LlamaForCausalLM"
+
+
+def as_export_config(cfg) -> ExportConfig:
+    """A typed ExportConfig from a dataclass, a DictConfig or a plain dict (Hydra, Lightning and
+    Python callers); an unknown key or a bad value fails here, naming it."""
+    from omegaconf import OmegaConf
+
+    if isinstance(cfg, ExportConfig):
+        return cfg
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExportConfig), cfg))

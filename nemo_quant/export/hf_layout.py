@@ -67,13 +67,15 @@ def linear_format(specs, in_features: int, where: str) -> tuple[ExportFormat, in
     return fmt, group
 
 
-def check_pre_quant_scale(fmt: ExportFormat, pqs: torch.Tensor | None, fused: bool, where: str) -> None:
-    """Loaders read a pre-quant scale only where the format has one, and never on fused q/k/v, gate/up."""
-    if pqs is None or torch.all(pqs == 1):
+def check_pre_quant_scale(fmt: ExportFormat, pqs: torch.Tensor | None, fused: bool, where: str,
+                          planned: bool = False) -> None:
+    """Loaders read a pre-quant scale only where the format has one, and never on fused q/k/v, gate/up.
+    `planned`: a smoothing algorithm is configured and will write one (checked before calibration)."""
+    if not planned and (pqs is None or torch.all(pqs == 1)):
         return
     if fmt not in SMOOTHED:
         raise ExportError(f"{where}: a pre-quant scale is set but {fmt.value} checkpoints have no place for it; "
-                          "use quant.algorithm=max with this format.")
+                          "use quant.algorithm=max with this format, or export.format=null.")
     if fused:
         raise ExportError(f"{where}: its pre-quant scale is not folded into the preceding norm; the fused "
                           "q/k/v and gate/up loaders of TensorRT-LLM ignore it.")

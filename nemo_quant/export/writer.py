@@ -11,7 +11,7 @@ import torch
 
 from nemo_quant.checkpoint.atomic import atomic_directory
 from nemo_quant.distributed import any_rank, gather_messages
-from nemo_quant.export.config import ExportConfig, ExportTarget
+from nemo_quant.export.config import ExportConfig, ExportTarget, as_export_config
 from nemo_quant.export.formats import ExportError
 from nemo_quant.export.gather import layer_specs, stream_model
 from nemo_quant.export.hf import HFWriter
@@ -43,7 +43,11 @@ def _producer() -> dict:
     return {"name": "nemo_quant", "version": v}
 
 
-def _local_problems(model, arch: LlamaArch, cfg: ExportConfig) -> str | None:
+def export_problems(model, arch: LlamaArch, cfg: ExportConfig, specs_of=layer_specs, smoothing: bool = False) -> str | None:
+    """The first reason this rank's layers cannot be written as `cfg` asks, or None.
+    `specs_of(layer)` gives each linear's (weight, input) specs and the KV spec: the quantizers'
+    own by default, or those a configured quantize mode will attach (the preflight, before any
+    work); `smoothing`: that mode's algorithm writes pre-quant scales."""
     try:
         if cfg.path is None:
             raise ExportError("export.path is not set; give the directory to write (export.path=/path/to/ckpt).")
@@ -55,18 +59,20 @@ def _local_problems(model, arch: LlamaArch, cfg: ExportConfig) -> str | None:
         trt_tp = cfg.inference_tp if cfg.format != ExportTarget.hf else 1
         for layer in model.decoder.layers:
             where = f"decoder.layers.{layer.layer_number - 1}"
-            specs, kv = layer_specs(layer)
+            specs, kv = specs_of(layer)
             for name, projs in SPLITS.items():
                 module = layer.get_submodule(name)
                 fmt, group = linear_format(specs.get(name, (None, None)), module.input_size, f"{where}.{name}")
                 if group and module.input_size // trt_tp % group and name.endswith(("linear_proj", "linear_fc2")):
                     raise ExportError(f"{where}.{name}: export.inference_tp={trt_tp} splits its input dim "
                                       f"{module.input_size} into pieces that are not multiples of the group size {group}.")
-                check_pre_quant_scale(fmt, getattr(module, "pre_quant_scale", None), len(projs) > 1, f"{where}.{name}")
+                fused = len(projs) > 1  # smoothing scales of fused layers are folded into the norm before them
+                check_pre_quant_scale(fmt, getattr(module, "pre_quant_scale", None), fused, f"{where}.{name}",
+                                      planned=smoothing and not fused)
             if kv is not None:
                 check_kv_spec(kv, where)
         head = getattr(model, "output_layer", None)
-        if getattr(head, "weight_quantizer", None) is not None:
+        if head is not None and any(specs_of(head)[0].get("", (None, None))):
             raise ExportError("the output layer is quantized; keep '*output_layer*' in quant.exclude to export "
                               "(checkpoint formats keep lm_head in high precision).")
     except ExportError as e:
@@ -76,15 +82,14 @@ def _local_problems(model, arch: LlamaArch, cfg: ExportConfig) -> str | None:
 
 def preflight(model, arch: LlamaArch, cfg: ExportConfig) -> None:
     """Every check that can fail, on every rank's own layers; raises the same error everywhere."""
-    problems = [m for m in gather_messages(_local_problems(model, arch, cfg)) if m]
+    problems = [m for m in gather_messages(export_problems(model, arch, cfg)) if m]
     if problems:
         raise ExportError(problems[0])
 
 
 def export_checkpoint(model, arch: LlamaArch, cfg: ExportConfig, tokenizer=None) -> ExportResult:
     """Write `cfg.format` to `cfg.path`; every rank of the model calls this."""
-    cfg = ExportConfig(**{k: getattr(cfg, k) for k in ExportConfig.__dataclass_fields__})  # also accepts DictConfig
-    cfg.format = ExportTarget(cfg.format)
+    cfg = as_export_config(cfg)
     preflight(model, arch, cfg)
     dtype = DTYPES[getattr(cfg.dtype, "value", cfg.dtype)]
     start = time.perf_counter()

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from nemo_quant.modes import apply_modes, mode_state
+from nemo_quant.preflight import preflight
 from nemo_quant.quantization.calibrate import calibrate
 from nemo_quant.quantization.modules import quantizers
 from nemo_quant.runtime.pipeline import position_ids_for
@@ -62,12 +63,11 @@ class NemoQuantCallback(pl.Callback):
             raise ValueError(f"calib_batches={calib_batches}: must be at least 1.")
         self.export = None
         if export is not None:
-            from nemo_quant.export import ExportConfig
+            from nemo_quant.export.config import as_export_config
 
             if vocab_size is None:
                 raise ValueError("NemoQuantCallback(export=...) needs vocab_size=<unpadded vocabulary size>.")
-            raw = OmegaConf.to_container(export, resolve=True) if isinstance(export, DictConfig) else dict(export)
-            self.export = ExportConfig(**raw)  # unknown keys fail here, before training
+            self.export = as_export_config(export)  # unknown keys fail here, before training
             if self.export.path is None:
                 raise ValueError("NemoQuantCallback: export.path is not set.")
         self.vocab_size = vocab_size
@@ -78,8 +78,14 @@ class NemoQuantCallback(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         model = find_megatron_model(pl_module)
-        if not mode_state(model):
-            apply_modes(model, self.modes)
+        modes = [] if mode_state(model) else self.modes
+        arch = None
+        if self.export is not None:
+            from nemo_quant.models.arch import arch_of_megatron
+
+            arch = arch_of_megatron(model, self.vocab_size)
+        preflight(model, arch, modes, self.export)  # before Lightning runs any step
+        apply_modes(model, modes)
         self._model = model
         # Lightning loads the weights before callbacks see the checkpoint, but right after
         # the LightningModule's own on_load_checkpoint: check the modes there, so a mismatch

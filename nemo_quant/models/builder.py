@@ -41,11 +41,25 @@ def transformer_config(arch: LlamaArch, tp: int, pp: int, dtype: torch.dtype = t
     )
 
 
-def build_gpt_model(arch: LlamaArch, dtype: torch.dtype = torch.float32):
+def layer_spec(core_attention: str = "sdpa"):
+    """Megatron's local (Transformer-Engine-free) layer spec with RMSNorm; core attention through
+    PyTorch's SDPA ("sdpa", see sdpa_attention.py) or Megatron's own unfused one ("megatron")."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if core_attention == "sdpa":
+        from nemo_quant.models.sdpa_attention import SDPADotProductAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
+    elif core_attention != "megatron":
+        raise ValueError(f"core_attention={core_attention!r}: choose 'sdpa' or 'megatron'.")
+    return spec
+
+
+def build_gpt_model(arch: LlamaArch, dtype: torch.dtype = torch.float32, core_attention: str = "sdpa"):
     """Build this rank's shard of the model; model-parallel state must be initialised."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
@@ -53,7 +67,7 @@ def build_gpt_model(arch: LlamaArch, dtype: torch.dtype = torch.float32):
     config = transformer_config(arch, tp, pp, dtype)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        transformer_layer_spec=layer_spec(core_attention),
         vocab_size=padded_vocab_size(arch.vocab_size, tp),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),

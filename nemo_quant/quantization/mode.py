@@ -11,11 +11,36 @@ from nemo_quant.config.validate import ConfigError
 from nemo_quant.modes import Mode, register_mode
 from nemo_quant.quantization.config import QuantConfig
 from nemo_quant.quantization.kernel_dispatch import set_kernel_policy
-from nemo_quant.quantization.modules import ConversionReport, convert_model
+from nemo_quant.quantization.modules import ConversionReport, convert_model, plan_conversion
 from nemo_quant.quantization.validate import validate_quant_config
 from nemo_quant.runtime.distributed_init import is_main_rank
 
 log = logging.getLogger(__name__)
+
+
+def _check(model: nn.Module, cfg: QuantConfig) -> None:
+    """Every pattern must match somewhere (under PP, perhaps on another stage's layers only)
+    and every planned conversion must fit the module's shapes. The hit counts are reduced on
+    every rank even when this rank's plan failed, so no rank waits on a collective."""
+    problem = None
+    try:
+        _, report = plan_conversion(model, cfg)
+        counts = report.pattern_hits + report.override_hits
+    except ConfigError as e:
+        problem, counts = str(e), [0] * (len(cfg.exclude) + len(cfg.overrides))
+    hits = torch.tensor(counts + [0], dtype=torch.int64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(hits)
+    if problem is not None:
+        raise ConfigError(problem)
+    keys = [f"quant.exclude[{i}]={p!r}" for i, p in enumerate(cfg.exclude)]
+    keys += [f"quant.overrides[{i}].pattern={o.pattern!r}" for i, o in enumerate(cfg.overrides)]
+    for i, key in enumerate(keys):
+        if hits[i] == 0:
+            raise ConfigError(
+                f"{key} matches no quantizable module; module names look "
+                "like 'decoder.layers.0.self_attention.linear_qkv' or 'output_layer' (fnmatch syntax)."
+            )
 
 
 def _apply(model: nn.Module, cfg: QuantConfig) -> ConversionReport:
@@ -25,17 +50,6 @@ def _apply(model: nn.Module, cfg: QuantConfig) -> ConversionReport:
     if cfg.kernels is not None:
         set_kernel_policy(cfg.kernels)
     report = convert_model(model, cfg)
-    hits = torch.tensor(report.pattern_hits + report.override_hits + [0], dtype=torch.int64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(hits)  # under PP a pattern may match modules of another stage only
-    keys = [f"quant.exclude[{i}]={p!r}" for i, p in enumerate(cfg.exclude)]
-    keys += [f"quant.overrides[{i}].pattern={o.pattern!r}" for i, o in enumerate(cfg.overrides)]
-    for i, key in enumerate(keys):
-        if hits[i] == 0:
-            raise ConfigError(
-                f"{key} matches no quantizable module; module names look "
-                "like 'decoder.layers.0.self_attention.linear_qkv' or 'output_layer' (fnmatch syntax)."
-            )
     if sum(report.converted.values()) == 0 and is_main_rank():
         log.warning("quantize: no module was converted (%s)", report.summary())
     if is_main_rank():
@@ -49,4 +63,5 @@ QUANTIZE = register_mode(Mode(
     apply=_apply,
     may_follow=frozenset({"prune", "sparsity"}),
     validate=validate_quant_config,
+    check=_check,
 ))

@@ -107,6 +107,8 @@ def _build_registry() -> dict[type, RegistryEntry]:
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
+    from nemo_quant.models.sdpa_attention import SDPADotProductAttention
+
     # Transformer Engine modules (TELinear, TELayerNormColumnParallelLinear,
     # TEDotProductAttention) compute their GEMMs inside TE; they are not registered yet and
     # are therefore reported as unconverted rather than half-converted.
@@ -114,6 +116,7 @@ def _build_registry() -> dict[type, RegistryEntry]:
         ColumnParallelLinear: RegistryEntry(QuantLinearMixin, "linear", 0),
         RowParallelLinear: RegistryEntry(QuantLinearMixin, "linear", 1),
         DotProductAttention: RegistryEntry(QuantAttentionMixin, "attention"),
+        SDPADotProductAttention: RegistryEntry(QuantAttentionMixin, "attention"),
     }
 
 
@@ -167,10 +170,23 @@ def quantizers(model: nn.Module) -> list[tuple[str, TensorQuantizer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, TensorQuantizer)]
 
 
-def convert_model(model: nn.Module, cfg: QuantConfig) -> ConversionReport:
-    """Attach quantizers to every registered module not matched by `cfg.exclude`."""
+@dataclass
+class PlannedConversion:
+    """One module the quantize mode will convert, with the specs it will get."""
+
+    name: str  # global name (layer index counted over the whole pipeline)
+    module: nn.Module
+    entry: RegistryEntry
+    weight_spec: QuantizerSpec | None = None
+    input_spec: QuantizerSpec | None = None
+
+
+def plan_conversion(model: nn.Module, cfg: QuantConfig) -> tuple[list[PlannedConversion], ConversionReport]:
+    """What `convert_model` would do, without touching the model: which modules get which
+    specs, and the shape checks that would refuse them (the preflight runs this)."""
     registry = _build_registry()
     report = ConversionReport(pattern_hits=[0] * len(cfg.exclude), override_hits=[0] * len(cfg.overrides))
+    plan = []
     for local_name, module in list(model.named_modules()):
         name = global_name(model, local_name)
         entry = next((e for t, e in registry.items() if type(module) is t), None)
@@ -190,12 +206,22 @@ def convert_model(model: nn.Module, cfg: QuantConfig) -> ConversionReport:
             weight_spec, input_spec = _linear_specs(cfg, name, report)
             if weight_spec is None and input_spec is None:
                 continue
-            _convert_linear(module, entry, cfg, name, weight_spec, input_spec)
+            _check_dynamic_blocks(module, entry, weight_spec, input_spec)
+            plan.append(PlannedConversion(name, module, entry, weight_spec, input_spec))
         elif entry.kind == "attention" and cfg.kv_cache is not None:
-            _convert_attention(module, entry, cfg)
+            plan.append(PlannedConversion(name, module, entry))
+    return plan, report
+
+
+def convert_model(model: nn.Module, cfg: QuantConfig) -> ConversionReport:
+    """Attach quantizers to every registered module not matched by `cfg.exclude`."""
+    plan, report = plan_conversion(model, cfg)
+    for item in plan:
+        if item.entry.kind == "linear":
+            _convert_linear(item.module, item.entry, cfg, item.name, item.weight_spec, item.input_spec)
         else:
-            continue
-        report.converted[type(module)._nq_base.__name__] += 1
+            _convert_attention(item.module, item.entry, cfg)
+        report.converted[type(item.module)._nq_base.__name__] += 1
     return report
 
 
@@ -234,7 +260,6 @@ def _convert_linear(module: nn.Module, entry: RegistryEntry, cfg: QuantConfig, n
                 from megatron.core.utils import get_pg_rank
 
                 wq.use_global_blocks(get_pg_rank(module.tp_group) * module.input_size_per_partition, module.input_size)
-    _check_dynamic_blocks(module, entry, weight_spec, input_spec)
     module.__class__ = _quant_class(base, entry.mixin)
 
 

@@ -142,3 +142,28 @@ def test_cfg_job_prints_the_composed_config():
     result = _run([sys.executable, "-m", "nemo_quant.cli.main", "ptq", "quant=fp8", "+quant/kv_cache=fp8", "--cfg", "job"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "command: ptq" in result.stdout and "format: fp8_e4m3" in result.stdout
+
+
+@pytest.mark.parametrize("command, extra", [
+    ("ptq", ["quant=int4_awq", "export=hf"]),                      # ragged groups: TINY's 64 inputs, groups of 128
+    ("train", ["quant=fp8", "+quant/kv_cache=nvfp4", "export=hf", "train.steps=2"]),  # NVFP4 KV cache: no layout
+    ("ptq", ["quant=fp8", "export=trtllm", "export.inference_tp=3"]),  # 3 does not divide 4 heads / 2 groups
+])
+def test_refusals_come_before_any_forward_pass(tiny_dir, text_files, tmp_path, command, extra):
+    """The job stops right after the model is built: no baseline, no calibration, nothing written."""
+    import time
+
+    out = tmp_path / "export"
+    args = [f"model.path={tiny_dir / 'tiny.gguf'}", "model.name=tiny", "data=files", "data.seq_length=16",
+            f"data.eval_files=[{text_files / 'eval.txt'}]", f"data.calib_files=[{text_files / 'calib.jsonl'}]",
+            f"export.path={out}", f"checkpoint.save={tmp_path / 'ckpt'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    start = time.perf_counter()
+    result = _run([sys.executable, "-m", "nemo_quant.cli.main", command, *args, *extra])
+    elapsed = time.perf_counter() - start
+    assert result.returncode != 0
+    message = result.stderr.strip().splitlines()[-1]
+    assert "PreflightError" in message or "preflight" in message.lower(), result.stderr[-2000:]
+    assert re.search(r"(quant|export)\.\w+", message), message          # names the key
+    assert "perplexity" not in result.stdout and "calibrat" not in result.stdout.lower()
+    assert not out.exists() and not (tmp_path / "ckpt").exists()
+    assert elapsed < 60, f"refused after {elapsed:.0f} s"

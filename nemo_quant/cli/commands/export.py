@@ -22,6 +22,9 @@ def export_step(cfg: DictConfig, loaded) -> dict:
 
 
 def run_export(cfg: DictConfig) -> None:
+    from nemo_quant.preflight import preflight
+
     with megatron_session(cfg):
         loaded = load_for_command(cfg)
+        preflight(loaded.model, loaded.source.arch, [], cfg.export)
         write_results(export_step(cfg, loaded))

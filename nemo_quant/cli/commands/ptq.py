@@ -39,12 +39,14 @@ def run_ptq(cfg: DictConfig) -> None:
     from nemo_quant.data.datasets import calibration_windows, evaluation_windows
     from nemo_quant.eval.perplexity import perplexity
     from nemo_quant.modes import apply_modes
+    from nemo_quant.preflight import preflight
     from nemo_quant.quantization.calibrate import calibrate
     from nemo_quant.quantization.forward_loop import windows_forward_loop
 
     qcfg = quant_config(cfg)
     with megatron_session(cfg):
         loaded = load_for_command(cfg)
+        preflight(loaded.model, loaded.source.arch, [("quantize", qcfg)], cfg.export)
         calib = calibration_windows(cfg.data, loaded.tokenizer)
         evals = evaluation_windows(cfg.data, loaded.tokenizer)
         before = perplexity(loaded.model, evals, loaded.vocab_size, cfg.data.batch_size).perplexity

@@ -17,6 +17,7 @@ def run_train(cfg: DictConfig) -> None:
     from nemo_quant.data.datasets import calibration_windows, training_windows
     from nemo_quant.models.loading import load_model
     from nemo_quant.modes import apply_modes, mode_state
+    from nemo_quant.preflight import preflight
     from nemo_quant.quantization.calibrate import calibrate
     from nemo_quant.quantization.forward_loop import windows_forward_loop
     from nemo_quant.training.loop import TrainState, latest_checkpoint, make_optimizer, resume, train
@@ -28,11 +29,14 @@ def run_train(cfg: DictConfig) -> None:
             loaded = load_model(cfg.model.path, cfg.model.dtype.value, cfg.model.tokenizer, with_weights=False)
             optimizer = make_optimizer(loaded.model, cfg.train.lr, cfg.train.weight_decay)
             state = resume(loaded.model, optimizer, previous)
+            preflight(loaded.model, loaded.source.arch, [], cfg.export)
             origin = f"resumed from {previous} (step {state.step})"
         else:
             loaded = load_for_command(cfg)
             origin = f"checkpoint {cfg.checkpoint.load}" if cfg.checkpoint.load else "model weights"
-            if cfg.quant is not None and not any(m["name"] == "quantize" for m in mode_state(loaded.model)):
+            quantize = cfg.quant is not None and not any(m["name"] == "quantize" for m in mode_state(loaded.model))
+            preflight(loaded.model, loaded.source.arch, [("quantize", quant_config(cfg))] if quantize else [], cfg.export)
+            if quantize:
                 apply_modes(loaded.model, [("quantize", quant_config(cfg))])
                 calibrate(loaded.model, windows_forward_loop(calibration_windows(cfg.data, loaded.tokenizer), cfg.data.batch_size))
                 origin += f" + {cfg.quant.name} calibrated"
