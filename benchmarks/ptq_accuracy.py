@@ -27,6 +27,7 @@ import torch
 # label -> (preset, Hydra overrides of quant.*, ModelOpt counterpart or None)
 RUNS = {
     "fp8": ("fp8", [], "FP8_DEFAULT_CFG"),
+    "fp8_gptq": ("fp8_gptq", [], "FP8_DEFAULT_CFG"),
     "fp8_sq": ("fp8", ["quant.algorithm=smoothquant"], None),
     "int8_sq": ("int8_sq", [], "INT8_SMOOTHQUANT_CFG"),
     "int4_awq_g128": ("int4_awq", [], "INT4_AWQ_CFG"),

@@ -90,6 +90,9 @@ class TrainConfig:
 class AppConfig:
     command: Command = Command.eval
     seed: int = 1234
+    # ptq: reuse the unquantized perplexity of an earlier run with the same weights, evaluation
+    # tokens, dtype and layout (nemo_quant/eval/baseline_cache.py); false re-evaluates.
+    baseline_cache: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

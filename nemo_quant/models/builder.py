@@ -76,6 +76,10 @@ def build_gpt_model(arch: LlamaArch, dtype: torch.dtype = torch.float32, core_at
         position_embedding_type="rope",
         rotary_base=int(arch.rotary_base),
     )
+    if model.post_process:
+        from nemo_quant.models import batch_major_logits
+
+        batch_major_logits.install(model)
     if torch.cuda.is_available():
         model = model.cuda()
     return model

@@ -58,15 +58,18 @@ def _check_algorithm(cfg: QuantConfig, key: str, weights: list[tuple[str, Quanti
     algo = Algorithm(cfg.algorithm)
     if (algo != Algorithm.max or cfg.gptq.enabled) and not weights:
         raise ConfigError(f"{key}.algorithm={algo.value}: the algorithms act on weight quantizers; set {key}.weight.")
-    int_only = []
+    # (what, formats it needs, their name, fix)
+    needs = []
     if algo in (Algorithm.awq_clip, Algorithm.awq_full):
-        int_only.append((f"{key}.algorithm={algo.value}", "use awq_lite for block formats whose scales come from the data"))
+        needs.append((f"{key}.algorithm={algo.value}", set(INT_BITS), "INT",
+                      "use awq_lite for block formats whose scales come from the data"))
     if cfg.gptq.enabled:
-        int_only.append((f"{key}.gptq.enabled=true", "disable it for this format"))
-    for what, fix in int_only:
+        needs.append((f"{key}.gptq.enabled=true", set(INT_BITS) | FP8, "INT or FP8",
+                      "disable it for this format (block scales that come from the data have no fixed grid)"))
+    for what, formats, kind, fix in needs:
         for wkey, spec in weights:
-            if QFormat(spec.format) not in INT_BITS:
-                raise ConfigError(f"{what} needs INT weights, but {wkey}.format={QFormat(spec.format).value}; {fix}.")
+            if QFormat(spec.format) not in formats:
+                raise ConfigError(f"{what} needs {kind} weights, but {wkey}.format={QFormat(spec.format).value}; {fix}.")
     s = cfg.search
     if s.scale_grid < 1 or s.clip_grid < 1 or s.token_stride < 1:
         raise ConfigError(f"{key}.search: scale_grid, clip_grid and token_stride must be >= 1.")

@@ -27,8 +27,8 @@ def _eval_args(tiny_dir, text_files, run_dir):
             f"hydra.run.dir={run_dir}"]
 
 
-def _run(cmd, **kw):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _run(cmd, env=None, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, **kw)
 
 
@@ -167,3 +167,18 @@ def test_refusals_come_before_any_forward_pass(tiny_dir, text_files, tmp_path, c
     assert "perplexity" not in result.stdout and "calibrat" not in result.stdout.lower()
     assert not out.exists() and not (tmp_path / "ckpt").exists()
     assert elapsed < 60, f"refused after {elapsed:.0f} s"
+
+
+def test_ptq_reuses_a_cached_baseline_and_says_so(tiny_dir, text_files, tmp_path):
+    args = [sys.executable, "-m", "nemo_quant.cli.main", "ptq", f"model.path={tiny_dir / 'tiny.gguf'}", "model.name=tiny",
+            "data=files", f"data.eval_files=[{text_files / 'eval.txt'}]", f"data.calib_files=[{text_files / 'calib.jsonl'}]",
+            "data.seq_length=16", "data.eval_samples=3", "data.calib_samples=2", "quant=fp8"]
+    runs = [_run([*args, f"hydra.run.dir={tmp_path / str(i)}", *extra], env={"NEMO_QUANT_QUIET": "0"})
+            for i, extra in enumerate([[], [], ["baseline_cache=false"]])]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-2000:]
+    baselines = [json.loads((tmp_path / str(i) / "results.json").read_text())["baseline_ppl"] for i in range(3)]
+    assert baselines[0] == baselines[1] == pytest.approx(baselines[2], rel=1e-9)
+    assert "cached" not in runs[0].stdout and "(cached" in runs[1].stdout and "cached" not in runs[2].stdout
+    # evaluated (a progress line for "perplexity" twice: baseline and quantized) vs cached (once)
+    assert runs[0].stderr.count("perplexity: 3/3") == 2 and runs[1].stderr.count("perplexity: 3/3") == 1

@@ -93,15 +93,19 @@ def test_awq_clip_never_worse_than_rtn_on_calibration_data(megatron_tp1, seed):
     assert _error(clip, ref, calib[0]) < _error(rtn, ref, calib[0])
 
 
+FP8_W = {"weight": {"format": "fp8_e4m3", "granularity": "tensor"}}
+
+
+@pytest.mark.parametrize("weights, gain", [(W4_B32, 0.7), (FP8_W, 0.85)], ids=["int4", "fp8"])
 @pytest.mark.parametrize("seed", range(5))
-def test_gptq_lowers_output_error_vs_round_to_nearest(megatron_tp1, seed):
+def test_gptq_lowers_output_error_vs_round_to_nearest(megatron_tp1, seed, weights, gain):
     # Correlated inputs: where GPTQ's error compensation has something to exploit.
     mix = torch.randn(IN, IN, generator=torch.Generator().manual_seed(100 + seed))
     calib = [_inputs(seed, tokens=1024) @ mix]
     test = _inputs(seed + 50, tokens=1024) @ mix
-    rtn, ref = _quantized(seed, {**W4_B32, "algorithm": "max"}, calib)
-    gptq, _ = _quantized(seed, {**W4_B32, "algorithm": "max", "gptq": {"enabled": True, "block_size": 16}}, calib)
-    assert _error(gptq, ref, calib[0]) < 0.7 * _error(rtn, ref, calib[0])
+    rtn, ref = _quantized(seed, {**weights, "algorithm": "max"}, calib)
+    gptq, _ = _quantized(seed, {**weights, "algorithm": "max", "gptq": {"enabled": True, "block_size": 16}}, calib)
+    assert _error(gptq, ref, calib[0]) < gain * _error(rtn, ref, calib[0])
     assert _error(gptq, ref, test) < _error(rtn, ref, test)
     # the model's quantizer reproduces the GPTQ result: stored weights are on the grid
     wq = gptq.linear.weight_quantizer
@@ -165,7 +169,7 @@ def test_smoothing_folds_into_norms_and_keeps_the_function(tiny_model):
 
 @pytest.mark.parametrize("cfg,match", [
     ({"algorithm": "awq_full", "weight": {"format": "nvfp4", "granularity": "block"}}, "awq_lite"),
-    ({"algorithm": "max", "weight": {"format": "fp8_e4m3"}, "gptq": {"enabled": True}}, "gptq.enabled"),
+    ({"algorithm": "max", "weight": {"format": "nvfp4", "granularity": "block"}, "gptq": {"enabled": True}}, "gptq.enabled"),
     ({"algorithm": "smoothquant", "input": {"format": "int8"}}, "quant.weight"),
     ({"algorithm": "awq_lite", **W4_B32, "search": {"clip_min": 0.0}}, "clip_min"),
 ])

@@ -7,7 +7,7 @@ import psutil
 from omegaconf import DictConfig
 
 from nemo_quant.cli.commands.common import (
-    load_for_command, megatron_session, print_table, quant_config, write_results,
+    load_for_command, megatron_session, print_table, quant_config, report, write_results,
 )
 
 
@@ -35,6 +35,32 @@ def _run_dir() -> str:
     return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else "."
 
 
+def _baseline(cfg: DictConfig, loaded, evals) -> float:
+    """The unquantized perplexity: from the cache when an earlier run measured the same thing
+    (rank 0 decides, so every rank agrees whether to evaluate), else measured and stored."""
+    from nemo_quant.distributed import gather_messages
+    from nemo_quant.eval.baseline_cache import baseline_key, cached_baseline, store_baseline
+    from nemo_quant.eval.perplexity import perplexity
+    from nemo_quant.models.loading import resolve_model_path
+    from nemo_quant.runtime.distributed_init import is_main_rank
+
+    if not cfg.baseline_cache or cfg.checkpoint.load is not None:
+        return perplexity(loaded.model, evals, loaded.vocab_size, cfg.data.batch_size).perplexity
+    model_path = resolve_model_path(cfg.model.path)
+    key = baseline_key(model_path, evals, cfg.model.dtype.value, cfg.parallel.tp, cfg.parallel.pp, cfg.data.batch_size)
+    found = cached_baseline(key) if is_main_rank() else None
+    found = gather_messages(None if found is None else repr(found))[0]
+    if found is not None:
+        report({"baseline": f"{float(found):.3f} (cached: same weights, evaluation tokens, dtype and layout; "
+                            "baseline_cache=false re-evaluates)"})
+        return float(found)
+    value = perplexity(loaded.model, evals, loaded.vocab_size, cfg.data.batch_size).perplexity
+    if is_main_rank():
+        store_baseline(key, value, {"model": str(model_path), "dtype": cfg.model.dtype.value, "tp": cfg.parallel.tp,
+                                    "pp": cfg.parallel.pp, "windows": list(evals.shape)})
+    return value
+
+
 def run_ptq(cfg: DictConfig) -> None:
     from nemo_quant.data.datasets import calibration_windows, evaluation_windows
     from nemo_quant.eval.perplexity import perplexity
@@ -49,7 +75,7 @@ def run_ptq(cfg: DictConfig) -> None:
         preflight(loaded.model, loaded.source.arch, [("quantize", qcfg)], cfg.export)
         calib = calibration_windows(cfg.data, loaded.tokenizer)
         evals = evaluation_windows(cfg.data, loaded.tokenizer)
-        before = perplexity(loaded.model, evals, loaded.vocab_size, cfg.data.batch_size).perplexity
+        before = _baseline(cfg, loaded, evals)
 
         start = time.perf_counter()
         if qcfg.auto is not None:

@@ -15,11 +15,11 @@ from torch import nn
 
 from nemo_quant.distributed import max_over_world
 from nemo_quant.quantization.algorithms.awq import awq_clip, awq_scale
-from nemo_quant.quantization.algorithms.gptq import gptq_quantize
+from nemo_quant.quantization.algorithms.gptq import column_quantizer, gptq_quantize
 from nemo_quant.quantization.algorithms.linear_view import LinearView, apply_pre_quant_scale
 from nemo_quant.quantization.algorithms.observe import LinearObserver, Needs, bypassed_quantizers, observing
 from nemo_quant.quantization.algorithms.smoothquant import smoothquant_scale
-from nemo_quant.quantization.config import INT_BITS, SMOOTHING, Algorithm, CalibratorName, Granularity, QFormat, QuantConfig
+from nemo_quant.quantization.config import SMOOTHING, Algorithm, CalibratorName, Granularity, QFormat, QuantConfig
 from nemo_quant.quantization.forward_loop import CalibrationError, run_forward_loop_everywhere
 from nemo_quant.utils.progress import progress
 
@@ -82,8 +82,8 @@ def _process_layer(model: nn.Module, name: str, module: nn.Module, obs: LinearOb
     if cfg.gptq.enabled:
         if amax is None:
             amax = view.weight_amax(view.weight)
-        bits = INT_BITS[QFormat(view.wspec.format)]
-        view.write_weight(gptq_quantize(view.weight, obs.hessian, view.amax_per_column(amax), bits, cfg.gptq, scale))
+        quantize = column_quantizer(QFormat(view.wspec.format))
+        view.write_weight(gptq_quantize(view.weight, obs.hessian, view.amax_per_column(amax), quantize, cfg.gptq, scale))
     if amax is not None:
         module.weight_quantizer.set_amax(amax)
         done.add(id(module.weight_quantizer))

@@ -4,20 +4,35 @@ columns not yet quantized through the inverse Hessian of the layer's inputs.
 Scales are fixed before GPTQ starts (max or AWQ-clipped amax, "static groups"), so activation
 ordering cannot change which scale a column uses and the quantizer in the model reproduces
 the GPTQ result exactly: the weight is replaced by its dequantized values, which round to
-themselves. Columns are processed in blocks (lazy batch updates, as in the paper); a column
+themselves (INT grids and FP8 grids alike: a dequantized FP8 value divided by its scale is an
+E4M3 value again). Columns are processed in blocks (lazy batch updates, as in the paper); a column
 whose input never fired gets weight 0; `damp` times the mean diagonal regularises H.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
+from nemo_quant.numerics.fp8 import fake_quant_fp8
 from nemo_quant.numerics.integer import fake_quant_int
-from nemo_quant.quantization.config import GptqConfig
+from nemo_quant.quantization.config import FP8, INT_BITS, GptqConfig, QFormat
+
+ColumnQuantizer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (column, its amax) -> dequantized
 
 
-def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, amax_per_column: torch.Tensor, bits: int,
+def column_quantizer(fmt: QFormat) -> ColumnQuantizer:
+    """Round one weight column on the grid of `fmt` with fixed per-element amax."""
+    if fmt in INT_BITS:
+        return lambda col, amax: fake_quant_int(col, amax, INT_BITS[fmt])
+    if fmt in FP8:
+        return lambda col, amax: fake_quant_fp8(col, amax, fmt.value)
+    raise ValueError(f"GPTQ has no fixed-scale grid for {fmt.value} weights")
+
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, amax_per_column: torch.Tensor, quantize: ColumnQuantizer,
                   cfg: GptqConfig, input_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Dequantized INT-`bits` weights [rows, cols] for `w`, given X^T X and every element's amax.
+    """Dequantized weights [rows, cols] for `w` on `quantize`'s grid, given X^T X and every element's amax.
 
     With a pre-quant scale p (the layer computes (x * p) @ w^T, w already divided by p), the
     problem is solved in the scaled basis, H' = diag(p) H diag(p), but damped in the original
@@ -45,7 +60,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, amax_per_column: torch
         errors = torch.zeros_like(block)
         for i in range(end - start):
             col = block[:, i]
-            qcol = fake_quant_int(col, amax[:, start + i], bits)
+            qcol = quantize(col, amax[:, start + i])
             q[:, start + i] = qcol
             err = (col - qcol) / u_block[i, i]
             block[:, i:] -= err.unsqueeze(1) * u_block[i, i:].unsqueeze(0)
