@@ -101,8 +101,8 @@ def main() -> None:
                    **{f"{name} s": round(best[name], 4) for name in calls},
                    "sdpa / transformers": round(best["megatron+sdpa"] / best["transformers"], 3),
                    "local / transformers": round(best["megatron (local attention)"] / best["transformers"], 3),
-                   "max |logit diff| sdpa vs transformers": float((logits["megatron+sdpa"][..., :vocab] - ref).abs().max()),
-                   "max |logit diff| local vs transformers": float(
+                   "max abs logit diff sdpa vs transformers": float((logits["megatron+sdpa"][..., :vocab] - ref).abs().max()),
+                   "max abs logit diff local vs transformers": float(
                        (logits["megatron (local attention)"][..., :vocab] - ref).abs().max())}
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from nemo_quant.distributed import gather_messages
-from nemo_quant.runtime.pipeline import data_parallel_batches, forward_batches
+from nemo_quant.runtime.pipeline import data_parallel_batches, forward_batches, logits_skipped
 from nemo_quant.utils.progress import progress
 
 
@@ -46,9 +46,10 @@ def windows_forward_loop(windows: torch.Tensor, batch_size: int = 1, desc: str =
     def loop(model: nn.Module) -> None:
         batches = data_parallel_batches(windows, batch_size)
         bar = progress(total=len(batches), desc=desc, unit="batch")
-        for batch in batches:
-            forward_batches(model, [batch], lambda output, tokens: None, num_batches=1)
-            bar.update(1)
+        with logits_skipped(model):  # the outputs are not used: only the statistics on the way
+            for batch in batches:
+                forward_batches(model, [batch], lambda output, tokens: None, num_batches=1)
+                bar.update(1)
         bar.close()
 
     return loop

@@ -7,7 +7,8 @@ activations exactly as in training. On the last stage each output goes through `
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -20,6 +21,27 @@ def gather_vocab_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
         logits = gather_from_tensor_model_parallel_region(logits)
     return logits[..., :vocab_size]
+
+
+@contextmanager
+def logits_skipped(model: torch.nn.Module) -> Iterator[bool]:
+    """Passes that only need what reaches the decoder's layers (calibration statistics) skip the
+    output layer: its vocab GEMM is a fifth of a SmolLM2 forward. The model then returns empty
+    logits. Not applied when the output layer is quantized or observed (its input matters);
+    yields whether it was applied."""
+    head = getattr(model, "output_layer", None)
+    if head is None or hasattr(head, "weight_quantizer") or getattr(head, "_nq_observer", None) is not None:
+        yield False
+        return
+
+    def empty_logits(input_, *args, **kwargs):
+        return input_.new_empty(*input_.shape[:-1], 0), None
+
+    head.forward = empty_logits
+    try:
+        yield True
+    finally:
+        del head.forward  # back to the class's forward
 
 
 def data_parallel_batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:

@@ -19,6 +19,7 @@ from tests.tiny_models import TINY
 
 PRESETS = {
     "fp8_kv": FP8_KV,
+    "fp8_gptq": {**FP8_KV, "name": "fp8_gptq", "gptq": {"enabled": True}},  # GPTQ'd weights: still plain FP8
     "int8_sq": INT8_SQ,
     "int4_awq": int4_awq(16, "awq_full"),
     "w4a8_awq": w4a8_awq(16),
@@ -29,7 +30,7 @@ PRESETS = {
         {"pattern": "decoder.layers.1.mlp.*"}]},  # high precision
     "none": None,
 }
-EXPECTED_ALGO = {"fp8_kv": "FP8", "int8_sq": "W8A8_SQ_PER_CHANNEL", "int4_awq": "W4A16_AWQ", "w4a8_awq": "W4A8_AWQ",
+EXPECTED_ALGO = {"fp8_kv": "FP8", "fp8_gptq": "FP8", "int8_sq": "W8A8_SQ_PER_CHANNEL", "int4_awq": "W4A16_AWQ", "w4a8_awq": "W4A8_AWQ",
                  "nvfp4_kv": "NVFP4", "mixed": "MIXED_PRECISION", "none": None}
 HF_PROJ = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj"]
