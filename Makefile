@@ -42,7 +42,7 @@ bench: setup bench-kernels
 
 # Fake-quant kernels vs the pure-torch reference on CPU; vs a device copy on a GPU.
 bench-kernels: setup
-	$(BIN)/python benchmarks/kernels.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/kernel_throughput.py $(BENCH_ARGS)
 
 # NVIDIA ModelOpt for the side-by-side benchmark only: its own virtualenv, never a dependency
 # of nemo_quant. Same torch pin (constraints.txt), HF transformers for LlamaForCausalLM.

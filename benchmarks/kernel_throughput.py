@@ -1,6 +1,6 @@
 """Fake-quant kernel throughput (BENCHMARKS.md "Speed figures").
 
-    .venv/bin/python benchmarks/kernels.py [--sizes-mb 16 64 256] [--dtypes float32 bfloat16] [--repeats 5]
+    .venv/bin/python benchmarks/kernel_throughput.py [--sizes-mb 16 64 256] [--dtypes float32 bfloat16] [--repeats 5]
 
 CPU: the C++ kernels vs the pure-torch reference (the naive composition of torch ops the
 quantizer ran before), same tensor, same process, alternating; target >= 2x for every format.
