@@ -27,7 +27,7 @@ def hydra_entry(cfg: DictConfig) -> None:
         COMMANDS[cfg.command](cfg)
     except ConfigError as e:  # the preflight's refusals: a message naming the key and the fix, no traceback
         if os.environ.get("RANK", "0") == "0":
-            print(f"nemo-quant {cfg.command}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            print(f"nemo-quant {getattr(cfg.command, 'value', cfg.command)}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 

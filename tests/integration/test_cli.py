@@ -162,7 +162,7 @@ def test_refusals_come_before_any_forward_pass(tiny_dir, text_files, tmp_path, c
     elapsed = time.perf_counter() - start
     assert result.returncode != 0
     message = result.stderr.strip().splitlines()[-1]
-    assert "PreflightError" in message or "preflight" in message.lower(), result.stderr[-2000:]
+    assert message.startswith(f"nemo-quant {command}: PreflightError: "), result.stderr[-2000:]
     assert re.search(r"(quant|export)\.\w+", message), message          # names the key
     assert "perplexity" not in result.stdout and "calibrat" not in result.stdout.lower()
     assert not out.exists() and not (tmp_path / "ckpt").exists()
