@@ -37,6 +37,6 @@ def as_export_config(cfg) -> ExportConfig:
     Python callers); an unknown key or a bad value fails here, naming it."""
     from omegaconf import OmegaConf
 
-    if isinstance(cfg, ExportConfig):
-        return cfg
+    if isinstance(cfg, ExportConfig):  # Python callers may pass strings for the enum fields
+        cfg = OmegaConf.structured(cfg)
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExportConfig), cfg))
