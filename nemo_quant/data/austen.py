@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from nemo_quant.data.rdata import read_lazyload_db
+from nemo_quant.utils.cache import cache_root
 
 PACKAGE = "r-cran-janeaustenr"
 RDATA_STEM = "usr/lib/R/site-library/janeaustenr/data/Rdata"
@@ -24,8 +25,7 @@ class CorpusUnavailable(RuntimeError):
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("NEMO_QUANT_CACHE") or Path.home() / ".cache" / "nemo_quant"
-    return Path(root) / "janeaustenr"
+    return cache_root() / "janeaustenr"
 
 
 def _manual_steps(target: Path) -> str:

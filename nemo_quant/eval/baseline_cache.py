@@ -16,10 +16,11 @@ import os
 from pathlib import Path
 
 from nemo_quant.data.windows import fingerprint
+from nemo_quant.utils.cache import cache_root
 
 
 def _cache_root() -> Path:
-    return Path(os.environ.get("NEMO_QUANT_CACHE") or Path.home() / ".cache" / "nemo_quant") / "baselines"
+    return cache_root() / "baselines"
 
 
 def weights_fingerprint(model_path: Path) -> str:

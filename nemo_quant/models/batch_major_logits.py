@@ -7,7 +7,8 @@ copy of the largest tensor of the forward (400 MB for 4 x 512 tokens x 49152 fp3
 [b, s, h], vocab/hidden times smaller) makes the output GEMM write [b, s, vocab] directly; the
 layer hands Megatron a [s, b, vocab] *view* of it, whose transpose back is already contiguous.
 Same GEMM, same values; the vocab-parallel TP layout is unaffected (the vocab dim stays last).
-Forwards with labels keep Megatron's layout: its loss views the logits flat. Not used with sequence parallelism, whose gathers run along dim 0.
+Forwards with labels keep Megatron's layout: its loss views the logits flat. Not used with
+sequence parallelism, whose gathers run along dim 0.
 """
 from __future__ import annotations
 

@@ -44,8 +44,11 @@ def _baseline(cfg: DictConfig, loaded, evals) -> float:
     from nemo_quant.models.loading import resolve_model_path
     from nemo_quant.runtime.distributed_init import is_main_rank
 
-    if not cfg.baseline_cache or cfg.checkpoint.load is not None:
+    def measure() -> float:
         return perplexity(loaded.model, evals, loaded.vocab_size, cfg.data.batch_size).perplexity
+
+    if not cfg.baseline_cache or cfg.checkpoint.load is not None:
+        return measure()
     model_path = resolve_model_path(cfg.model.path)
     key = baseline_key(model_path, evals, cfg.model.dtype.value, cfg.parallel.tp, cfg.parallel.pp, cfg.data.batch_size)
     found = cached_baseline(key) if is_main_rank() else None
@@ -54,7 +57,7 @@ def _baseline(cfg: DictConfig, loaded, evals) -> float:
         report({"baseline": f"{float(found):.3f} (cached: same weights, evaluation tokens, dtype and layout; "
                             "baseline_cache=false re-evaluates)"})
         return float(found)
-    value = perplexity(loaded.model, evals, loaded.vocab_size, cfg.data.batch_size).perplexity
+    value = measure()
     if is_main_rank():
         store_baseline(key, value, {"model": str(model_path), "dtype": cfg.model.dtype.value, "tp": cfg.parallel.tp,
                                     "pp": cfg.parallel.pp, "windows": list(evals.shape)})
