@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from nemo_quant.models.megatron_layout import fc1_rows_in_tp1_order
 from nemo_quant.quantization.config import QuantizerSpec
 
 
@@ -48,14 +49,6 @@ def _gather(t: torch.Tensor, axis: int | None) -> torch.Tensor:
     return torch.cat(parts, dim=axis)
 
 
-def _ungate(t: torch.Tensor) -> torch.Tensor:
-    """[gate_0; up_0; gate_1; up_1; ...] (rank order) -> [gate; up]."""
-    _, size = _tp()
-    if size == 1:
-        return t
-    return t.reshape(size, 2, t.shape[0] // (2 * size), *t.shape[1:]).transpose(0, 1).reshape(t.shape)
-
-
 def _tp_axis(owner: torch.nn.Module, name: str, t: torch.Tensor) -> int | None:
     from nemo_quant.quantization.tensor_quantizer import TensorQuantizer
 
@@ -76,7 +69,7 @@ def gather_module(module: torch.nn.Module) -> dict[str, torch.Tensor]:
             axis = _tp_axis(owner, name, t)
             full = _gather(t, axis)
             if axis == 0 and key.startswith("mlp.linear_fc1.") and _gated(module):
-                full = _ungate(full)
+                full = fc1_rows_in_tp1_order(full, _tp()[1])
             out[key] = full
     return out
 

@@ -46,6 +46,19 @@ def cols(t: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
     return t.chunk(tp, dim=1)[tp_rank]
 
 
+def fc1_rows_of_rank(t: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
+    """Gated fc1 rows [gate; up] (TP=1 order) -> this rank's [gate_r; up_r]."""
+    gate, up = t.chunk(2, dim=0)
+    return torch.cat([rows(gate, tp_rank, tp), rows(up, tp_rank, tp)])
+
+
+def fc1_rows_in_tp1_order(t: torch.Tensor, tp: int) -> torch.Tensor:
+    """Inverse of `fc1_rows_of_rank` over all ranks: [gate_0; up_0; gate_1; up_1; ...] -> [gate; up]."""
+    if tp == 1:
+        return t
+    return t.reshape(tp, 2, t.shape[0] // (2 * tp), *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+
 def pad_vocab(t: torch.Tensor, padded: int) -> torch.Tensor:
     if t.shape[0] == padded:
         return t
@@ -81,7 +94,7 @@ def megatron_tensor(name: str, get, arch: LlamaArch, tp_rank: int, tp: int, laye
         return cols(get(prefix + "self_attn.o_proj.weight"), tp_rank, tp)
     if leaf == "mlp.linear_fc1.weight":
         m = prefix + "mlp."
-        return torch.cat([rows(get(m + "gate_proj.weight"), tp_rank, tp), rows(get(m + "up_proj.weight"), tp_rank, tp)])
+        return fc1_rows_of_rank(torch.cat([get(m + "gate_proj.weight"), get(m + "up_proj.weight")]), tp_rank, tp)
     if leaf == "mlp.linear_fc2.weight":
         return cols(get(prefix + "mlp.down_proj.weight"), tp_rank, tp)
     raise KeyError(f"no Hugging Face source for Megatron parameter {name!r}")

@@ -33,6 +33,11 @@ class QuantLinearMixin:
     _nq_observer = None
 
     def _forward_impl(self, input, weight, *args, **kwargs):
+        input, weight = self.gemm_operands(input, weight)
+        return super()._forward_impl(input, weight, *args, **kwargs)
+
+    def gemm_operands(self, input, weight):
+        """(input, weight) as the GEMM consumes them: observed, scaled, fake-quantized."""
         if self._nq_observer is not None:
             self._nq_observer(input)
         if getattr(self, "pre_quant_scale", None) is not None:
@@ -41,7 +46,7 @@ class QuantLinearMixin:
             input = self.input_quantizer(input)
         if self.weight_quantizer is not None:
             weight = self.weight_quantizer(weight)
-        return super()._forward_impl(input, weight, *args, **kwargs)
+        return input, weight
 
     def __repr__(self) -> str:
         # Megatron's linear layers print without children; show the quantizers explicitly.

@@ -85,7 +85,7 @@ def _process_layer(model: nn.Module, name: str, module: nn.Module, obs: LinearOb
         quantize = column_quantizer(QFormat(view.wspec.format))
         view.write_weight(gptq_quantize(view.weight, obs.hessian, view.amax_per_column(amax), quantize, cfg.gptq, scale))
     if amax is not None:
-        module.weight_quantizer.set_amax(amax)
+        module.weight_quantizer.set_amax(view.local_weight_amax(amax))
         done.add(id(module.weight_quantizer))
     return done
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from nemo_quant.numerics.blocks import from_blocks, to_blocks
+from nemo_quant.numerics.fixed_order import fixed_order_sum
 from nemo_quant.quantization.algorithms.linear_view import LinearView
 from nemo_quant.quantization.algorithms.observe import LinearObserver
 from nemo_quant.quantization.algorithms.scale_search import alphas, best_scale
@@ -25,7 +26,7 @@ def awq_candidates(view: LinearView, obs: LinearObserver, grid: int) -> list[tup
     bs = view.weight_block()
     blocks = to_blocks(w, bs)
     normalised = from_blocks(blocks / blocks.amax(dim=-1, keepdim=True).clamp(min=1e-12), w.shape[1])
-    wmean = view.sum_rows(normalised.sum(dim=0)) / view.total_rows()
+    wmean = normalised.sum(dim=0) / w.shape[0]
     act = obs.absmean.clamp(min=1e-4)
     out = []
     for alpha in alphas(grid):
@@ -56,7 +57,7 @@ def awq_clip(view: LinearView, obs: LinearObserver, scale: torch.Tensor, grid: i
         d = to_blocks(view.quant_weight(w, amax) - w, bs)  # [rows, blocks, bs]
         err = torch.einsum("rbi,bij,rbj->rb", d, hessian, d)
         if base.ndim == 0:  # one amax for the whole tensor: total error over every row
-            err = view.sum_rows(err.sum())
+            err = fixed_order_sum(err)
         if best_err is None:
             best_err = err
             continue

@@ -1,17 +1,19 @@
-"""One quantized linear layer as the algorithms see it: its weight over the whole input dim.
+"""One quantized linear layer as the algorithms see it: its whole weight, in TP=1's layout.
 
-Column-parallel layers hold every input column but only their share of the rows: searches
-run on the local rows and reduce row statistics and errors over TP, so every rank picks the
-same per-column scale. Row-parallel layers hold a slice of the input columns: the weight is
-gathered and every rank runs the TP=1 computation, then keeps its own columns. Either way
-the result equals TP=1's (DESIGN.md: "SmoothQuant/AWQ scale searches agree across TP").
+Every rank gathers the layer's full weight (column-parallel rows are all-gathered and put in
+TP=1's row order, gated fc1's per-rank [gate_r; up_r] included; row-parallel input columns
+are all-gathered), runs exactly the computation TP=1 runs on it, and keeps its own share of
+the result. Nothing a search decides is summed over ranks, so every decision (scales, clip
+ratios, GPTQ's rounding) is bit-identical to TP=1's, not merely close: the searches do TP=1's
+work on each rank, which costs time on TP > 1 layouts but never a different answer.
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from nemo_quant.distributed import tp_all_reduce
+from nemo_quant.models.megatron_layout import fc1_rows_in_tp1_order, fc1_rows_of_rank
 from nemo_quant.numerics.blocks import to_blocks
 from nemo_quant.quantization.algorithms.observe import gather_input_dim, is_row_parallel, tp_size_of, weight_block_size
 from nemo_quant.quantization.config import NO_CALIBRATION, Granularity, QFormat, QuantizerSpec
@@ -23,36 +25,33 @@ class LinearView:
         self.name, self.module = name, module
         self.row_parallel = is_row_parallel(module)
         self.tp = tp_size_of(module)
+        self.gated = bool(getattr(module, "_nq_swiglu", False))
         # A copy: the view must not alias the parameter it later writes back into.
         local = module.weight.detach().float().clone()
-        self.weight = gather_input_dim(module, local) if self.row_parallel else local
+        self.weight = gather_input_dim(module, local) if self.row_parallel else self._gather_rows(local)
         self.wspec: QuantizerSpec | None = module.weight_quantizer.spec if module.weight_quantizer is not None else None
         iq = module.input_quantizer
         self.ispec: QuantizerSpec | None = iq.spec if iq is not None else None
-        # Rows are split over TP (column parallel): row statistics and errors span the group.
-        self.rows_split = not self.row_parallel and self.tp > 1
 
-    # -- TP reductions of row statistics -------------------------------------------------
-    def sum_rows(self, t: torch.Tensor) -> torch.Tensor:
-        return tp_all_reduce(t, "sum") if self.rows_split else t
-
-    def max_rows(self, t: torch.Tensor) -> torch.Tensor:
-        return tp_all_reduce(t, "max") if self.rows_split else t
-
-    def total_rows(self) -> float:
-        return float(self.sum_rows(torch.tensor(float(self.weight.shape[0]))))
+    def _gather_rows(self, local: torch.Tensor) -> torch.Tensor:
+        if self.tp == 1:
+            return local
+        parts = [torch.empty_like(local) for _ in range(self.tp)]
+        dist.all_gather(parts, local.contiguous(), group=self.module.tp_group)
+        full = torch.cat(parts)
+        return fc1_rows_in_tp1_order(full, self.tp) if self.gated else full
 
     # -- the weight quantizer on the view ----------------------------------------------
     def weight_block(self) -> int:
         return weight_block_size(self.module)
 
     def weight_amax(self, w: torch.Tensor) -> torch.Tensor:
-        """Max-calibrated amax of `w` shaped like the weight quantizer's buffer."""
+        """Max-calibrated amax of the full weight `w` (TP=1's quantizer buffer shape)."""
         fmt, gran = QFormat(self.wspec.format), Granularity(self.wspec.granularity)
         if fmt in NO_CALIBRATION:
             return torch.zeros(())
         if fmt == QFormat.nvfp4 or gran == Granularity.tensor:
-            return self.max_rows(w.abs().amax())
+            return w.abs().amax()
         if gran == Granularity.channel:
             return w.abs().amax(dim=1, keepdim=True)
         return to_blocks(w, self.wspec.effective_block_size()).abs().amax(dim=-1)
@@ -74,7 +73,7 @@ class LinearView:
             return x
         return fake_quant(x, self.ispec, channel_absmax.max())
 
-    # -- results ------------------------------------------------------------------------
+    # -- results: this rank's share -------------------------------------------------------
     def local_columns(self, t: torch.Tensor) -> torch.Tensor:
         """This rank's slice of the last (input) dim."""
         if not self.row_parallel or self.tp == 1:
@@ -83,9 +82,21 @@ class LinearView:
         start = local * _tp_rank(self.module)
         return t[..., start:start + local]
 
+    def local_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a full [out, ...] tensor (column parallel; TP=1 row order in)."""
+        if self.row_parallel or self.tp == 1:
+            return t
+        rank = _tp_rank(self.module)
+        return fc1_rows_of_rank(t, rank, self.tp) if self.gated else t.chunk(self.tp, dim=0)[rank]
+
+    def local_weight_amax(self, amax: torch.Tensor) -> torch.Tensor:
+        """The weight quantizer's buffer on this rank: own rows of per-row / per-block amax of a
+        column-parallel layer; row-parallel amax covers every (global) block on every rank."""
+        return self.local_rows(amax) if amax.ndim == 2 else amax
+
     def write_weight(self, w: torch.Tensor) -> None:
         with torch.no_grad():
-            self.module.weight.copy_(self.local_columns(w).to(self.module.weight.dtype))
+            self.module.weight.copy_(self.local_rows(self.local_columns(w)).to(self.module.weight.dtype))
 
 
 def _tp_rank(module: nn.Module) -> int:

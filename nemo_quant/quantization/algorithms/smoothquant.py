@@ -18,7 +18,7 @@ SCALE_RANGE = (1e-4, 1e4)
 
 def smoothquant_candidates(view: LinearView, obs: LinearObserver, grid: int) -> list[tuple[float, torch.Tensor]]:
     act = obs.absmax.clamp(min=1e-5)
-    wmax = view.max_rows(view.weight.abs().amax(dim=0)).clamp(min=1e-5)
+    wmax = view.weight.abs().amax(dim=0).clamp(min=1e-5)
     out = []
     for alpha in alphas(grid):
         s = act.pow(alpha) / wmax.pow(1 - alpha)
