@@ -279,3 +279,40 @@ def preflight_message(model_path: str, tp: int, pp: int, quant_cfg: dict, export
     except PreflightError as e:
         return str(e)
     return None
+
+
+def layout_export_digests(model_path: str, tp: int, pp: int, threads: int, presets: dict, calib: torch.Tensor,
+                          out_root: str) -> dict:
+    """PTQ + HF export of every preset at TP x PP on `threads` threads each; rank 0 returns
+    {preset: {"files": {file: sha256}, "plan": auto plan overrides or None}}."""
+    import hashlib
+    import shutil
+    from pathlib import Path
+
+    from nemo_quant.export import ExportConfig, export_checkpoint
+    from nemo_quant.models.loading import load_model
+    from nemo_quant.modes import apply_modes
+    from nemo_quant.quantization.calibrate import calibrate
+    from nemo_quant.quantization.forward_loop import windows_forward_loop
+    from nemo_quant.quantization.mixed_precision import auto_plan
+    from nemo_quant.runtime.distributed_init import ParallelLayout, init_megatron, is_main_rank
+
+    torch.set_num_threads(threads)
+    init_megatron(ParallelLayout(tp, pp), timeout_s=300)
+    digests = {}
+    for name, qcfg in presets.items():
+        loaded = load_model(model_path)
+        plan = None
+        if qcfg.auto is not None:
+            qcfg, _ = auto_plan(loaded.model, calib, qcfg)
+            plan = [(o.pattern, o.weight.format.value if o.weight else None) for o in qcfg.overrides]
+        apply_modes(loaded.model, [("quantize", qcfg)])
+        calibrate(loaded.model, windows_forward_loop(calib))
+        out = Path(out_root) / f"{name}_tp{tp}_pp{pp}"
+        export_checkpoint(loaded.model, loaded.source.arch, ExportConfig(format="hf", path=str(out), dtype="float32"))
+        if is_main_rank():
+            files = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(out.iterdir())
+                     if f.suffix == ".safetensors" or f.name in ("hf_quant_config.json", "config.json")}
+            digests[name] = {"files": files, "plan": plan}
+            shutil.rmtree(out)
+    return digests

@@ -9,6 +9,7 @@ from torch import nn
 from nemo_quant.distributed import any_rank, sync_amax
 from nemo_quant.modes import mode_config
 from nemo_quant.quantization.algorithms import run_algorithm, uses_algorithm
+from nemo_quant.quantization.algorithms.observe import gather_input_dim, is_row_parallel, tp_size_of
 from nemo_quant.quantization.forward_loop import CalibrationError, run_forward_loop_everywhere
 from nemo_quant.quantization.modules import QuantLinearMixin, quantizers
 
@@ -34,7 +35,7 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], None] | None
                 wq = module.weight_quantizer
                 if wq.calibrating:
                     with torch.no_grad():
-                        wq.collect(module.weight)
+                        _collect_weight(module, wq)
                     wq.set_amax(_finish(wq))
         if forward_loop is not None and any_rank(any(q.calibrating for _, q in named)):
             # Decided globally: under PP a stage without data quantizers still has to relay
@@ -56,6 +57,17 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], None] | None
     finally:
         for _, q in named:
             q._calibrator = None
+
+
+def _collect_weight(module: nn.Module, wq) -> None:
+    """A row-parallel weight whose calibrator searches (MSE) is calibrated on the whole weight,
+    gathered over TP, exactly as TP=1 does: partial errors summed over ranks round differently
+    and can tip the search to another candidate."""
+    weight = module.weight.detach()
+    if wq.searches_amax and is_row_parallel(module) and tp_size_of(module) > 1:
+        weight = gather_input_dim(module, weight)
+        wq.start_calibration(whole_tensor=True)
+    wq.collect(weight)
 
 
 def _finish(q) -> torch.Tensor:

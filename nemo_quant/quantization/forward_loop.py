@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from nemo_quant.distributed import gather_messages
-from nemo_quant.runtime.ordered_row_parallel import ordered_row_parallel_sums
+from nemo_quant.runtime.canonical_gemms import canonical_gemms
 from nemo_quant.runtime.pipeline import data_parallel_batches, forward_batches, logits_skipped
 from nemo_quant.utils.progress import progress
 
@@ -20,8 +20,8 @@ class CalibrationError(RuntimeError):
 def run_forward_loop_everywhere(model: nn.Module, forward_loop) -> None:
     """Run the loop, then agree across all ranks on whether any rank failed.
 
-    Row-parallel layers add their partial products in a fixed order meanwhile, so the
-    activations every statistic sees are bit-identical at any TP (runtime/ordered_row_parallel).
+    The decoder's GEMMs run in canonical shards meanwhile, so the activations every statistic
+    sees are bit-identical at any TP (runtime/canonical_gemms).
 
     A rank that raised still joins the agreement, so every rank leaves with an error naming
     the failing rank instead of waiting forever in the statistics sync."""
@@ -29,7 +29,7 @@ def run_forward_loop_everywhere(model: nn.Module, forward_loop) -> None:
     model.eval()
     error: BaseException | None = None
     try:
-        with torch.no_grad(), ordered_row_parallel_sums(model):
+        with torch.no_grad(), canonical_gemms(model):
             forward_loop(model)
     except Exception as exc:  # re-raised below on this rank, reported on the others
         error = exc

@@ -250,6 +250,8 @@ def _convert_linear(module: nn.Module, entry: RegistryEntry, cfg: QuantConfig, n
         local_in = shape[1]
         module.register_buffer("pre_quant_scale", torch.ones(local_in, dtype=torch.float32))
     module._nq_weight_tp_axis = entry.weight_tp_axis
+    if module.input_quantizer is not None and entry.weight_tp_axis == 1:
+        module.input_quantizer.input_split_over_tp = True
     wq = module.weight_quantizer
     if wq is not None and wq.amax.ndim == 2:
         column = entry.weight_tp_axis == 0

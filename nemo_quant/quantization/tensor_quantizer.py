@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from nemo_quant.numerics.blocks import num_blocks, to_blocks
-from nemo_quant.distributed import dp_all_gather_rows, tp_all_reduce
+from nemo_quant.distributed import dp_all_gather_rows, tp_all_gather_last_dim, tp_all_reduce
 from nemo_quant.quantization.calibrators import BatchPercentileCalibrator, MaxCalibrator, MseCalibrator, PercentileCalibrator
 from nemo_quant.quantization.config import BLOCK_ONLY, NO_CALIBRATION, CalibratorName, Granularity, QFormat, QuantizerSpec
 from nemo_quant.quantization.fake_quant import abs_max, fake_quant, fake_quant_ste
@@ -52,6 +52,10 @@ class TensorQuantizer(nn.Module):
         # depend on TP (a block may straddle two ranks).
         self.block_offset = 0
         self.global_in: int | None = None
+        # Row-parallel inputs: each rank sees a slice of the input dim. Histogram statistics
+        # (percentile, per-tensor MSE) are then taken over the TP-gathered input, as at TP=1:
+        # a max of per-slice percentiles is a different statistic.
+        self.input_split_over_tp = False
         self.bypass = False  # set while algorithms observe the unquantized model
 
     def use_global_blocks(self, offset: int, global_in: int) -> None:
@@ -60,7 +64,8 @@ class TensorQuantizer(nn.Module):
         self._amax = torch.full((out, num_blocks(global_in, self.spec.effective_block_size())), float("nan"))
 
     def _sliced(self, x: torch.Tensor) -> bool:
-        return self.global_in is not None and (self.block_offset != 0 or x.shape[-1] != self.global_in)
+        """`x` is this rank's slice of a row-parallel weight (not the gathered whole)."""
+        return self.global_in is not None and x.shape[-1] != self.global_in
 
     def _block_ids(self, local_in: int, device) -> torch.Tensor:
         cols = torch.arange(self.block_offset, self.block_offset + local_in, device=device)
@@ -99,21 +104,31 @@ class TensorQuantizer(nn.Module):
             return self._per_global_block(err, "sum")
         return to_blocks(err, self.spec.effective_block_size()).sum(dim=-1)
 
-    def start_calibration(self) -> None:
+    @property
+    def searches_amax(self) -> bool:
+        """Its calibrator compares candidate errors (MSE), which must see whole rows to match TP=1."""
+        return CalibratorName(self.spec.calibrator) == CalibratorName.mse
+
+    def start_calibration(self, whole_tensor: bool = False) -> None:
+        """`whole_tensor`: what it will collect is the TP-gathered tensor (nothing to reduce over TP)."""
         name = CalibratorName(self.spec.calibrator)
         per_tensor = len(self._amax.shape) == 0
+        tp_reduce = tp_all_reduce if self.reduce_over_tp and not whole_tensor else None
         if name == CalibratorName.batch_percentile:
-            self._calibrator = BatchPercentileCalibrator(self.reduce_amax, self.spec.percentile,
-                                                         tp_all_reduce if self.reduce_over_tp else None, dp_all_gather_rows)
+            self._calibrator = BatchPercentileCalibrator(self.reduce_amax, self.spec.percentile, tp_reduce,
+                                                         dp_all_gather_rows)
         elif name == CalibratorName.percentile and per_tensor:
             self._calibrator = PercentileCalibrator(self.spec.percentile)
         elif name == CalibratorName.mse:
             # Statistics that span TP (row-parallel inputs are split) pick their amax from
             # errors summed over the group, as TP=1 would.
-            self._calibrator = MseCalibrator(self.reduce_amax, self._quant_error, per_tensor,
-                                             tp_all_reduce if self.reduce_over_tp else None)
+            self._calibrator = MseCalibrator(self.reduce_amax, self._quant_error, per_tensor, tp_reduce)
         else:  # percentile of per-channel/per-block weight statistics degenerates to max
             self._calibrator = MaxCalibrator(self.reduce_amax)
+
+    def _histogram_over_tp(self) -> bool:
+        return self.input_split_over_tp and getattr(self._calibrator, "hist", None) is not None \
+            and (not isinstance(self._calibrator, MseCalibrator) or self._calibrator.per_tensor)
 
     @property
     def calibrating(self) -> bool:
@@ -146,7 +161,7 @@ class TensorQuantizer(nn.Module):
         if self.bypass:
             return x
         if self._calibrator is not None:
-            self._calibrator.collect(x)
+            self._calibrator.collect(tp_all_gather_last_dim(x) if self._histogram_over_tp() else x)
             return x  # statistics come from unquantized values
         if not self._calibrated:
             raise NotCalibratedError(

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nemo_quant.distributed import dp_all_reduce
+from nemo_quant.distributed import dp_all_reduce, tp_all_gather_last_dim
 from nemo_quant.numerics.blocks import num_blocks, to_blocks
 
 
@@ -64,9 +64,7 @@ def gather_input_dim(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Row-parallel input slices -> the whole input dim (identity at TP=1 or column parallel)."""
     if not is_row_parallel(module) or tp_size_of(module) == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(tp_size_of(module))]
-    dist.all_gather(parts, x.contiguous(), group=module.tp_group)
-    return torch.cat(parts, dim=-1)
+    return tp_all_gather_last_dim(x)
 
 
 class LinearObserver:

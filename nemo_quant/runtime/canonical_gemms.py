@@ -1,0 +1,129 @@
+"""Tensor-parallel GEMMs whose result does not depend on the TP layout (calibration forwards).
+
+fp32 GEMMs round differently when their shapes differ: a row-parallel layer at TP=t adds t
+partial products (all-reduce) where TP=1 runs one GEMM over the whole input dim, and even a
+column-parallel layer's [M, K] x [K, N/t] GEMM can round an output element differently from
+the [M, K] x [K, N] one (the BLAS picks its kernel by shape). A calibration search
+downstream can then decide differently on a real model.
+
+Inside `canonical_gemms(model)` the linear layers of the decoder compute in C canonical
+shards, the same at every layout: C = gcd(heads, query groups, FFN size), the largest TP
+Megatron admits, so a rank at TP=t owns C/t whole shards, and a shard is what rank c would
+hold at TP=C (megatron_layout's rules: q/k/v groups, [gate_c; up_c] for gated fc1).
+- column parallel: one GEMM per output shard; results placed in the layer's own layout;
+- row parallel: one GEMM per input shard, added strictly in shard order: a left fold over
+  rank 0's shards that passes its running sum to rank 1, and so on; the last rank
+  broadcasts the result (t - 1 point-to-point hops instead of one all-reduce).
+GEMMs of equal shapes and element-wise adds are deterministic, so every activation is
+bit-identical at TP=1, 2, 3, ... Forward-only: calibration runs under no_grad.
+"""
+from __future__ import annotations
+
+import math
+import types
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from nemo_quant.models.megatron_layout import fc1_rows_in_tp1_order, fc1_rows_of_rank
+
+
+def canonical_shards(config) -> int:
+    """C for a Megatron TransformerConfig: the largest TP the model admits."""
+    heads = config.num_attention_heads
+    groups = config.num_query_groups or heads
+    return math.gcd(math.gcd(heads, groups), config.ffn_hidden_size)
+
+
+def _tp(module: nn.Module) -> tuple[int, int]:
+    group = module.tp_group
+    if group is None or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _operands(module: nn.Module, x: torch.Tensor, w: torch.Tensor):
+    if torch.is_grad_enabled():
+        raise RuntimeError("canonical GEMMs are for calibration forwards (no_grad) only")
+    return module.gemm_operands(x, w) if hasattr(module, "gemm_operands") else (x, w)
+
+
+def _local_shards(module: nn.Module, dim_size: int, what: str) -> int:
+    """How many canonical shards this rank holds of a dim of `dim_size` local elements."""
+    _, tp = _tp(module)
+    shards = canonical_shards(module.config)
+    if shards % tp or dim_size % (shards // tp):
+        raise ValueError(f"{type(module).__name__}: the {what} dim ({dim_size} per rank at TP={tp}) does not split "
+                         f"into {shards} canonical shards")
+    return shards // tp
+
+
+def _gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w^T on canonical 2-D operands: the BLAS path also depends on strides (a size-1 batch
+    dim with another stride took a different kernel and rounded differently)."""
+    y = F.linear(x.reshape(-1, x.shape[-1]).contiguous(), w.contiguous())
+    return y.view(*x.shape[:-1], w.shape[0])
+
+
+def _column_forward_impl(self: nn.Module, input, weight, bias=None, **_):
+    x, w = _operands(self, input, weight)
+    k = _local_shards(self, w.shape[0], "output")
+    gated = self._nq_canonical_gated
+    shard = (lambda j: fc1_rows_of_rank(w, j, k)) if gated else (lambda j: w.chunk(k, dim=0)[j])
+    out = torch.cat([_gemm(x, shard(j)) for j in range(k)], dim=-1)
+    if gated:  # [gate_0; up_0; gate_1; up_1; ...] shard outputs -> the rank's [gate_r; up_r]
+        out = fc1_rows_in_tp1_order(out.movedim(-1, 0), k).movedim(0, -1)
+    return out if bias is None else out + bias
+
+
+def _row_forward(self: nn.Module, input_: torch.Tensor):
+    if not self.input_is_parallel or self.sequence_parallel or self.explicit_expert_comm:
+        raise NotImplementedError(f"{type(self).__name__}: canonical GEMMs need input_is_parallel=True without "
+                                  "sequence parallelism or expert communication")
+    x, w = _operands(self, input_, self.weight)
+    k = _local_shards(self, x.shape[-1], "input")
+    width = x.shape[-1] // k
+    # Every rank computes its shard products first (in parallel), then folds them in order.
+    parts = [_gemm(x[..., j * width:(j + 1) * width], w[:, j * width:(j + 1) * width]) for j in range(k)]
+    rank, tp = _tp(self)
+    total = None
+    if rank > 0:
+        total = torch.empty_like(parts[0])
+        dist.recv(total, src=dist.get_global_rank(self.tp_group, rank - 1), group=self.tp_group)
+    for part in parts:
+        total = part if total is None else total + part
+    if tp > 1:
+        if rank < tp - 1:
+            dist.send(total, dst=dist.get_global_rank(self.tp_group, rank + 1), group=self.tp_group)
+        dist.broadcast(total, src=dist.get_global_rank(self.tp_group, tp - 1), group=self.tp_group)
+    if self.skip_bias_add:
+        return total, self.bias
+    return (total + self.bias if self.bias is not None else total), None
+
+
+class canonical_gemms:
+    """Context: the decoder's linear layers of `model` compute in canonical shards."""
+
+    def __init__(self, model: nn.Module):
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+        decoder = getattr(model, "decoder", None)
+        self.patched: list[tuple[nn.Module, str]] = []
+        self.targets = []
+        for name, module in (decoder.named_modules() if decoder is not None else []):
+            if isinstance(module, RowParallelLinear):
+                self.targets.append((module, "forward", _row_forward))
+            elif isinstance(module, ColumnParallelLinear):
+                module._nq_canonical_gated = name.endswith("mlp.linear_fc1") and bool(module.config.gated_linear_unit)
+                self.targets.append((module, "_forward_impl", _column_forward_impl))
+
+    def __enter__(self):
+        for module, attr, fn in self.targets:
+            setattr(module, attr, types.MethodType(fn, module))
+        return self
+
+    def __exit__(self, *exc):
+        for module, attr, _ in self.targets:
+            delattr(module, attr)
