@@ -284,12 +284,14 @@ def preflight_message(model_path: str, tp: int, pp: int, quant_cfg: dict, export
 def layout_export_digests(model_path: str, tp: int, pp: int, threads: int, presets: dict, calib: torch.Tensor,
                           out_root: str) -> dict:
     """PTQ + HF export of every preset at TP x PP on `threads` threads each; rank 0 returns
-    {preset: {"files": {file: sha256}, "plan": auto plan overrides or None}}."""
+    {preset: {"files": {file: sha256}, "plan": auto plan overrides or None, "seconds": ...}}."""
     import hashlib
     import shutil
+    import time
     from pathlib import Path
 
     from nemo_quant.export import ExportConfig, export_checkpoint
+    from nemo_quant.models.builder import build_gpt_model
     from nemo_quant.models.loading import load_model
     from nemo_quant.modes import apply_modes
     from nemo_quant.quantization.calibrate import calibrate
@@ -299,20 +301,26 @@ def layout_export_digests(model_path: str, tp: int, pp: int, threads: int, prese
 
     torch.set_num_threads(threads)
     init_megatron(ParallelLayout(tp, pp), timeout_s=300)
+    loaded = load_model(model_path)
+    arch = loaded.source.arch
+    pristine = {k: v.clone() for k, v in loaded.model.state_dict().items() if v is not None}
     digests = {}
     for name, qcfg in presets.items():
-        loaded = load_model(model_path)
+        start = time.perf_counter()
+        model = build_gpt_model(arch, torch.float32)  # a fresh shard per preset, same weights
+        missing, unexpected = model.load_state_dict(pristine, strict=False)
+        assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
         plan = None
         if qcfg.auto is not None:
-            qcfg, _ = auto_plan(loaded.model, calib, qcfg)
+            qcfg, _ = auto_plan(model, calib, qcfg)
             plan = [(o.pattern, o.weight.format.value if o.weight else None) for o in qcfg.overrides]
-        apply_modes(loaded.model, [("quantize", qcfg)])
-        calibrate(loaded.model, windows_forward_loop(calib))
+        apply_modes(model, [("quantize", qcfg)])
+        calibrate(model, windows_forward_loop(calib))
         out = Path(out_root) / f"{name}_tp{tp}_pp{pp}"
-        export_checkpoint(loaded.model, loaded.source.arch, ExportConfig(format="hf", path=str(out), dtype="float32"))
+        export_checkpoint(model, arch, ExportConfig(format="hf", path=str(out)))
         if is_main_rank():
             files = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(out.iterdir())
                      if f.suffix == ".safetensors" or f.name in ("hf_quant_config.json", "config.json")}
-            digests[name] = {"files": files, "plan": plan}
+            digests[name] = {"files": files, "plan": plan, "seconds": time.perf_counter() - start}
             shutil.rmtree(out)
     return digests

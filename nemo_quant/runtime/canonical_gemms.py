@@ -9,8 +9,8 @@ downstream can then decide differently on a real model.
 Inside `canonical_gemms(model)` the linear layers of the decoder compute in C canonical
 shards, the same at every layout: C = gcd(heads, query groups, FFN size), the largest TP
 Megatron admits, so a rank at TP=t owns C/t whole shards, and a shard is what rank c would
-hold at TP=C (megatron_layout's rules: q/k/v groups, [gate_c; up_c] for gated fc1).
-- column parallel: one GEMM per output shard; results placed in the layer's own layout;
+hold at TP=C (megatron_layout's rules: q/k/v groups; gate_c and up_c for gated fc1).
+- column parallel: one GEMM per output shard (gate and up shards apart for gated fc1);
 - row parallel: one GEMM per input shard, added strictly in shard order: a left fold over
   rank 0's shards that passes its running sum to rank 1, and so on; the last rank
   broadcasts the result (t - 1 point-to-point hops instead of one all-reduce).
@@ -26,8 +26,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-
-from nemo_quant.models.megatron_layout import fc1_rows_in_tp1_order, fc1_rows_of_rank
 
 
 def canonical_shards(config) -> int:
@@ -70,11 +68,10 @@ def _gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def _column_forward_impl(self: nn.Module, input, weight, bias=None, **_):
     x, w = _operands(self, input, weight)
     k = _local_shards(self, w.shape[0], "output")
-    gated = self._nq_canonical_gated
-    shard = (lambda j: fc1_rows_of_rank(w, j, k)) if gated else (lambda j: w.chunk(k, dim=0)[j])
-    out = torch.cat([_gemm(x, shard(j)) for j in range(k)], dim=-1)
-    if gated:  # [gate_0; up_0; gate_1; up_1; ...] shard outputs -> the rank's [gate_r; up_r]
-        out = fc1_rows_in_tp1_order(out.movedim(-1, 0), k).movedim(0, -1)
+    # Gated fc1 holds [gate_r; up_r]: 2k row pieces (gate's k shards, then up's), each a
+    # contiguous block at every layout; the outputs concatenate back into the same layout.
+    pieces = w.chunk(2 * k if self._nq_canonical_gated else k, dim=0)
+    out = torch.cat([_gemm(x, p) for p in pieces], dim=-1)
     return out if bias is None else out + bias
 
 
