@@ -209,11 +209,13 @@ def algorithm_layout(model_path: str, tp: int, pp: int, quant_cfg: dict, calib: 
         axis = getattr(module, "_nq_weight_tp_axis", None)
         if tp > 1 and axis is not None and tensor.ndim > 0 and (
                 (axis == 1 and name.endswith("pre_quant_scale")) or (axis == 0 and "weight_quantizer" in name)):
+            from nemo_quant.models.megatron_layout import fc1_rows_in_tp1_order
+
             parts = [torch.empty_like(tensor) for _ in range(tp)]
             dist.all_gather(parts, tensor.contiguous(), group=module.tp_group)
-            if name.endswith("linear_fc1.weight_quantizer._amax"):  # per rank [gate_r; up_r] -> [gate; up]
-                parts = [p.chunk(2)[0] for p in parts] + [p.chunk(2)[1] for p in parts]
             tensor = torch.cat(parts, dim=0)
+            if name.endswith("linear_fc1.weight_quantizer._amax"):  # per rank [gate_r; up_r] -> [gate; up]
+                tensor = fc1_rows_in_tp1_order(tensor, tp)
         bits = name.split(".")
         bits[2] = str(int(bits[2]) + offset)
         state[".".join(bits)] = tensor.clone()

@@ -14,8 +14,12 @@ hold at TP=C (megatron_layout's rules: q/k/v groups; gate_c and up_c for gated f
 - row parallel: one GEMM per input shard, added strictly in shard order: a left fold over
   rank 0's shards that passes its running sum to rank 1, and so on; the last rank
   broadcasts the result (t - 1 point-to-point hops instead of one all-reduce).
-GEMMs of equal shapes and element-wise adds are deterministic, so every activation is
-bit-identical at TP=1, 2, 3, ... Forward-only: calibration runs under no_grad.
+- the MLP activation (SiLU of SwiGLU, GELU, ...) runs per shard on contiguous 2-D pieces:
+  torch's vectorised transcendental kernels round differently from their scalar tail loop,
+  and which elements fall in the tail depends on the row length, i.e. on TP.
+GEMMs of equal shapes, element-wise adds and these activations are deterministic, so every
+activation is bit-identical at TP=1, 2, 3, ... Forward-only: calibration runs under no_grad.
+(Megatron's fused bias-activation kernels, GPU only, are not intercepted.)
 """
 from __future__ import annotations
 
@@ -65,6 +69,15 @@ def _gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y.view(*x.shape[:-1], w.shape[0])
 
 
+def _canonical_activation(act, shards_per_rank: int):
+    def activation(x: torch.Tensor) -> torch.Tensor:
+        pieces = x.chunk(shards_per_rank, dim=-1)
+        return torch.cat([act(p.reshape(-1, p.shape[-1]).contiguous()).view(p.shape) for p in pieces], dim=-1)
+
+    activation.canonical_of = act
+    return activation
+
+
 def _column_forward_impl(self: nn.Module, input, weight, bias=None, **_):
     x, w = _operands(self, input, weight)
     k = _local_shards(self, w.shape[0], "output")
@@ -101,26 +114,44 @@ def _row_forward(self: nn.Module, input_: torch.Tensor):
 
 
 class canonical_gemms:
-    """Context: the decoder's linear layers of `model` compute in canonical shards."""
+    """Context: the decoder's linear layers and MLP activations of `model` compute in canonical shards."""
 
     def __init__(self, model: nn.Module):
         from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+        from megatron.core.transformer.mlp import MLP
 
         decoder = getattr(model, "decoder", None)
-        self.patched: list[tuple[nn.Module, str]] = []
-        self.targets = []
+        self.methods, self.mlps = [], []
         for name, module in (decoder.named_modules() if decoder is not None else []):
             if isinstance(module, RowParallelLinear):
-                self.targets.append((module, "forward", _row_forward))
+                self.methods.append((module, "forward", _row_forward))
             elif isinstance(module, ColumnParallelLinear):
                 module._nq_canonical_gated = name.endswith("mlp.linear_fc1") and bool(module.config.gated_linear_unit)
-                self.targets.append((module, "_forward_impl", _column_forward_impl))
+                self.methods.append((module, "_forward_impl", _column_forward_impl))
+            elif isinstance(module, MLP):
+                self.mlps.append(module)
+        # A gated MLP calls config.activation_func inside its forward; others their own attribute.
+        self.configs = list({id(m.config): m.config for m in self.mlps if m.config.gated_linear_unit}.values())
 
     def __enter__(self):
-        for module, attr, fn in self.targets:
+        for module, attr, fn in self.methods:
             setattr(module, attr, types.MethodType(fn, module))
+        for mlp in self.mlps:
+            k = _local_shards(mlp.linear_fc1, mlp.linear_fc2.input_size_per_partition, "FFN")
+            if mlp.config.gated_linear_unit:
+                mlp._nq_shards = k
+            else:
+                mlp.activation_func = _canonical_activation(mlp.activation_func, k)
+        for config in self.configs:
+            k = next(m._nq_shards for m in self.mlps if m.config is config)
+            config.activation_func = _canonical_activation(config.activation_func, k)
         return self
 
     def __exit__(self, *exc):
-        for module, attr, _ in self.targets:
+        for module, attr, _ in self.methods:
             delattr(module, attr)
+        for mlp in self.mlps:
+            if not mlp.config.gated_linear_unit:
+                mlp.activation_func = mlp.activation_func.canonical_of
+        for config in self.configs:
+            config.activation_func = config.activation_func.canonical_of
