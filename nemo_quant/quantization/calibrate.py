@@ -9,7 +9,7 @@ from torch import nn
 from nemo_quant.distributed import any_rank, sync_amax
 from nemo_quant.modes import mode_config
 from nemo_quant.quantization.algorithms import run_algorithm, uses_algorithm
-from nemo_quant.quantization.algorithms.observe import gather_input_dim, is_row_parallel, tp_size_of
+from nemo_quant.quantization.algorithms.observe import gather_input_dim, gather_output_dim, is_row_parallel, tp_size_of
 from nemo_quant.quantization.forward_loop import CalibrationError, run_forward_loop_everywhere
 from nemo_quant.quantization.modules import QuantLinearMixin, quantizers
 
@@ -60,13 +60,18 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], None] | None
 
 
 def _collect_weight(module: nn.Module, wq) -> None:
-    """A row-parallel weight whose calibrator searches (MSE) is calibrated on the whole weight,
-    gathered over TP, exactly as TP=1 does: partial errors summed over ranks round differently
-    and can tip the search to another candidate."""
+    """Percentile / MSE weight calibrators see what TP=1 sees: a row-parallel weight's whole
+    rows (partial errors summed over ranks round differently and can tip the search), and a
+    per-tensor scale's whole weight (a max of per-rank percentiles is another statistic).
+    Per-row scales of a column-parallel layer depend on their own rows only."""
     weight = module.weight.detach()
-    if wq.searches_amax and is_row_parallel(module) and tp_size_of(module) > 1:
-        weight = gather_input_dim(module, weight)
-        wq.start_calibration(whole_tensor=True)
+    if wq.uses_distribution and tp_size_of(module) > 1:
+        if is_row_parallel(module):
+            weight = gather_input_dim(module, weight)
+            wq.start_calibration(whole_tensor=True)
+        elif wq.amax.ndim == 0:
+            weight = gather_output_dim(module, weight)
+            wq.start_calibration(whole_tensor=True)
     wq.collect(weight)
 
 

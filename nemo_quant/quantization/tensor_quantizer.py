@@ -105,9 +105,10 @@ class TensorQuantizer(nn.Module):
         return to_blocks(err, self.spec.effective_block_size()).sum(dim=-1)
 
     @property
-    def searches_amax(self) -> bool:
-        """Its calibrator compares candidate errors (MSE), which must see whole rows to match TP=1."""
-        return CalibratorName(self.spec.calibrator) == CalibratorName.mse
+    def uses_distribution(self) -> bool:
+        """Its calibrator reads a histogram or compares candidate errors (percentile, MSE): a
+        statistic of the whole tensor, which per-rank pieces reduced over TP do not give."""
+        return CalibratorName(self.spec.calibrator) in (CalibratorName.mse, CalibratorName.percentile)
 
     def start_calibration(self, whole_tensor: bool = False) -> None:
         """`whole_tensor`: what it will collect is the TP-gathered tensor (nothing to reduce over TP)."""

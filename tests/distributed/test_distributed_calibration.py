@@ -36,6 +36,23 @@ def _assert_same_amax(got: dict, ref: dict, names=None, exact: bool = True):
             torch.testing.assert_close(got[name], ref[name], rtol=1e-6, atol=0, msg=name)
 
 
+# Histogram and search calibrators on weights and inputs: whole-tensor statistics at any TP.
+FP8_DISTRIBUTION = {"name": "fp8_dist", "weight": {"format": "fp8_e4m3", "calibrator": "mse"},
+                    "input": {"format": "fp8_e4m3", "calibrator": "percentile", "percentile": 99.9}}
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_distribution_calibrators_equal_tp1_bit_for_bit(tiny_dir, tp, pp):
+    _, ref = run_distributed(workers.calibrate_layout, 1, str(tiny_dir / "hf"), 1, 1, FP8_DISTRIBUTION, CALIB, EVALS)[0]
+    outs = run_distributed(workers.calibrate_layout, tp * pp, str(tiny_dir / "hf"), tp, pp, FP8_DISTRIBUTION, CALIB,
+                           EVALS, timeout_s=300)
+    seen = {}
+    for _, amax in outs:
+        seen.update(amax)
+    assert seen.keys() == ref.keys()
+    _assert_same_amax(seen, ref)  # every amax is per tensor here: replicated, comparable as a whole
+
+
 @pytest.mark.parametrize("tp,pp,world", [(1, 2, 2), (1, 1, 2), (2, 1, 2), (2, 1, 4)], ids=["pp2", "dp2", "tp2", "tp2xdp2"])
 def test_layouts_calibrate_like_tp1(tiny_dir, tp1, tp, pp, world):
     ref_logits, ref_amax = tp1

@@ -10,12 +10,13 @@ work on each rank, which costs time on TP > 1 layouts but never a different answ
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from nemo_quant.models.megatron_layout import fc1_rows_in_tp1_order, fc1_rows_of_rank
+from nemo_quant.models.megatron_layout import fc1_rows_of_rank
 from nemo_quant.numerics.blocks import to_blocks
-from nemo_quant.quantization.algorithms.observe import gather_input_dim, is_row_parallel, tp_size_of, weight_block_size
+from nemo_quant.quantization.algorithms.observe import (
+    gather_input_dim, gather_output_dim, is_row_parallel, tp_size_of, weight_block_size,
+)
 from nemo_quant.quantization.config import NO_CALIBRATION, Granularity, QFormat, QuantizerSpec
 from nemo_quant.quantization.fake_quant import fake_quant
 
@@ -28,18 +29,10 @@ class LinearView:
         self.gated = bool(getattr(module, "_nq_swiglu", False))
         # A copy: the view must not alias the parameter it later writes back into.
         local = module.weight.detach().float().clone()
-        self.weight = gather_input_dim(module, local) if self.row_parallel else self._gather_rows(local)
+        self.weight = gather_input_dim(module, local) if self.row_parallel else gather_output_dim(module, local)
         self.wspec: QuantizerSpec | None = module.weight_quantizer.spec if module.weight_quantizer is not None else None
         iq = module.input_quantizer
         self.ispec: QuantizerSpec | None = iq.spec if iq is not None else None
-
-    def _gather_rows(self, local: torch.Tensor) -> torch.Tensor:
-        if self.tp == 1:
-            return local
-        parts = [torch.empty_like(local) for _ in range(self.tp)]
-        dist.all_gather(parts, local.contiguous(), group=self.module.tp_group)
-        full = torch.cat(parts)
-        return fc1_rows_in_tp1_order(full, self.tp) if self.gated else full
 
     # -- the weight quantizer on the view ----------------------------------------------
     def weight_block(self) -> int:

@@ -67,6 +67,20 @@ def gather_input_dim(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return tp_all_gather_last_dim(x)
 
 
+def gather_output_dim(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """Column-parallel rows of all ranks in TP=1's row order (gated fc1's per-rank [gate_r; up_r]
+    put back as [gate; up]); identity at TP=1."""
+    from nemo_quant.models.megatron_layout import fc1_rows_in_tp1_order
+
+    tp = tp_size_of(module)
+    if tp == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(tp)]
+    dist.all_gather(parts, t.contiguous(), group=module.tp_group)
+    full = torch.cat(parts)
+    return fc1_rows_in_tp1_order(full, tp) if getattr(module, "_nq_swiglu", False) else full
+
+
 class LinearObserver:
     """Accumulates one layer's statistics; every tensor exists from the start so that a rank
     that sees no data still joins the DP reductions with neutral values."""
