@@ -136,15 +136,15 @@ class canonical_gemms:
     def __enter__(self):
         for module, attr, fn in self.methods:
             setattr(module, attr, types.MethodType(fn, module))
+        gated_shards = {}
         for mlp in self.mlps:
             k = _local_shards(mlp.linear_fc1, mlp.linear_fc2.input_size_per_partition, "FFN")
             if mlp.config.gated_linear_unit:
-                mlp._nq_shards = k
+                gated_shards[id(mlp.config)] = k
             else:
                 mlp.activation_func = _canonical_activation(mlp.activation_func, k)
         for config in self.configs:
-            k = next(m._nq_shards for m in self.mlps if m.config is config)
-            config.activation_func = _canonical_activation(config.activation_func, k)
+            config.activation_func = _canonical_activation(config.activation_func, gated_shards[id(config)])
         return self
 
     def __exit__(self, *exc):
