@@ -13,7 +13,7 @@ import torch
 
 def fixed_order_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum of every element of `t` as a float64 scalar, accumulated in index order."""
-    flat = t.reshape(-1).to(torch.float64)
+    flat = t.reshape(-1)
     if flat.numel() == 0:
-        return flat.new_zeros(())
-    return flat.cumsum(0)[-1]
+        return torch.zeros((), dtype=torch.float64)
+    return flat.cumsum(0, dtype=torch.float64)[-1]
