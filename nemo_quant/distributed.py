@@ -52,14 +52,14 @@ def dp_all_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
     return t
 
 
-def tp_all_gather_last_dim(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate the tensor-parallel ranks' slices along the last dim (identity without TP)."""
+def tp_all_gather(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Concatenate the tensor-parallel ranks' slices along `dim`, in rank order (identity without TP)."""
     tp, _ = _groups()
     if tp is None:
         return t
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size(tp))]
     dist.all_gather(parts, t.contiguous(), group=tp)
-    return torch.cat(parts, dim=-1)
+    return torch.cat(parts, dim=dim)
 
 
 def dp_all_gather_rows(t: torch.Tensor) -> torch.Tensor:

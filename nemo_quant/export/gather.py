@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from nemo_quant.distributed import tp_all_gather
 from nemo_quant.models.megatron_layout import fc1_rows_in_tp1_order
 from nemo_quant.quantization.config import QuantizerSpec
 
@@ -41,12 +42,8 @@ def _tp():
 
 
 def _gather(t: torch.Tensor, axis: int | None) -> torch.Tensor:
-    group, size = _tp()
-    if axis is None or size == 1:
-        return t.detach()  # read-only from here on: no copy
-    parts = [torch.empty_like(t) for _ in range(size)]
-    dist.all_gather(parts, t.detach().contiguous(), group=group)
-    return torch.cat(parts, dim=axis)
+    # read-only from here on: no copy where nothing is gathered
+    return t.detach() if axis is None else tp_all_gather(t.detach(), axis)
 
 
 def _tp_axis(owner: torch.nn.Module, name: str, t: torch.Tensor) -> int | None:

@@ -9,7 +9,7 @@ from torch import nn
 from nemo_quant.distributed import any_rank, sync_amax
 from nemo_quant.modes import mode_config
 from nemo_quant.quantization.algorithms import run_algorithm, uses_algorithm
-from nemo_quant.quantization.algorithms.observe import gather_input_dim, gather_output_dim, is_row_parallel, tp_size_of
+from nemo_quant.quantization.algorithms.observe import gather_input_dim, gather_output_dim, is_row_parallel
 from nemo_quant.quantization.forward_loop import CalibrationError, run_forward_loop_everywhere
 from nemo_quant.quantization.modules import QuantLinearMixin, quantizers
 
@@ -65,13 +65,10 @@ def _collect_weight(module: nn.Module, wq) -> None:
     per-tensor scale's whole weight (a max of per-rank percentiles is another statistic).
     Per-row scales of a column-parallel layer depend on their own rows only."""
     weight = module.weight.detach()
-    if wq.uses_distribution and tp_size_of(module) > 1:
-        if is_row_parallel(module):
-            weight = gather_input_dim(module, weight)
-            wq.start_calibration(whole_tensor=True)
-        elif wq.amax.ndim == 0:
-            weight = gather_output_dim(module, weight)
-            wq.start_calibration(whole_tensor=True)
+    if wq.uses_distribution and is_row_parallel(module):
+        weight = gather_input_dim(module, weight)
+    elif wq.uses_distribution and wq.amax.ndim == 0:
+        weight = gather_output_dim(module, weight)
     wq.collect(weight)
 
 

@@ -100,12 +100,9 @@ class PercentileCalibrator:
 class MseCalibrator:
     """`quant_error(x, amax)` returns the fake-quant squared error, summed to amax's shape."""
 
-    def __init__(self, reduce_amax, quant_error: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], per_tensor: bool,
-                 tp_reduce: Callable[[torch.Tensor, str], torch.Tensor] | None = None):
+    def __init__(self, reduce_amax, quant_error: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], per_tensor: bool):
+        # It is given whole tensors (TP-gathered where split), never pieces to reduce over TP.
         self.reduce_amax, self.quant_error, self.per_tensor = reduce_amax, quant_error, per_tensor
-        # For statistics split over TP ranks: the max and the candidates' errors are reduced
-        # across the group, so every rank picks the amax TP=1 would.
-        self.tp_reduce = tp_reduce or (lambda t, op: t)
         self.hist = _Histogram()
         self.last: torch.Tensor | None = None
 
@@ -126,7 +123,7 @@ class MseCalibrator:
             return torch.tensor(float(MSE_CANDIDATES[int(errors.argmin())]) * self.hist.top)
         if self.last is None:
             return None
-        top = self.tp_reduce(self.reduce_amax(self.last).float(), "max")
-        errors = self.tp_reduce(torch.stack([self.quant_error(self.last, top * r) for r in MSE_CANDIDATES]), "sum")
+        top = self.reduce_amax(self.last).float()
+        errors = torch.stack([self.quant_error(self.last, top * r) for r in MSE_CANDIDATES])
         best = MSE_CANDIDATES[errors.argmin(dim=0)]
         return top * best

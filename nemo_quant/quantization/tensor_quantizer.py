@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from nemo_quant.numerics.blocks import num_blocks, to_blocks
-from nemo_quant.distributed import dp_all_gather_rows, tp_all_gather_last_dim, tp_all_reduce
+from nemo_quant.distributed import dp_all_gather_rows, tp_all_gather, tp_all_reduce
 from nemo_quant.quantization.calibrators import BatchPercentileCalibrator, MaxCalibrator, MseCalibrator, PercentileCalibrator
 from nemo_quant.quantization.config import BLOCK_ONLY, NO_CALIBRATION, CalibratorName, Granularity, QFormat, QuantizerSpec
 from nemo_quant.quantization.fake_quant import abs_max, fake_quant, fake_quant_ste
@@ -110,26 +110,20 @@ class TensorQuantizer(nn.Module):
         statistic of the whole tensor, which per-rank pieces reduced over TP do not give."""
         return CalibratorName(self.spec.calibrator) in (CalibratorName.mse, CalibratorName.percentile)
 
-    def start_calibration(self, whole_tensor: bool = False) -> None:
-        """`whole_tensor`: what it will collect is the TP-gathered tensor (nothing to reduce over TP)."""
+    def start_calibration(self) -> None:
         name = CalibratorName(self.spec.calibrator)
         per_tensor = len(self._amax.shape) == 0
-        tp_reduce = tp_all_reduce if self.reduce_over_tp and not whole_tensor else None
         if name == CalibratorName.batch_percentile:
-            self._calibrator = BatchPercentileCalibrator(self.reduce_amax, self.spec.percentile, tp_reduce,
-                                                         dp_all_gather_rows)
+            self._calibrator = BatchPercentileCalibrator(self.reduce_amax, self.spec.percentile,
+                                                         tp_all_reduce if self.reduce_over_tp else None, dp_all_gather_rows)
         elif name == CalibratorName.percentile and per_tensor:
             self._calibrator = PercentileCalibrator(self.spec.percentile)
         elif name == CalibratorName.mse:
-            # Statistics that span TP (row-parallel inputs are split) pick their amax from
-            # errors summed over the group, as TP=1 would.
-            self._calibrator = MseCalibrator(self.reduce_amax, self._quant_error, per_tensor, tp_reduce)
+            # MSE sees whole tensors at any TP (TP-gathered inputs here, gathered weights in
+            # calibrate()): errors summed over ranks would round differently from TP=1's.
+            self._calibrator = MseCalibrator(self.reduce_amax, self._quant_error, per_tensor)
         else:  # percentile of per-channel/per-block weight statistics degenerates to max
             self._calibrator = MaxCalibrator(self.reduce_amax)
-
-    def _histogram_over_tp(self) -> bool:
-        return self.input_split_over_tp and getattr(self._calibrator, "hist", None) is not None \
-            and (not isinstance(self._calibrator, MseCalibrator) or self._calibrator.per_tensor)
 
     @property
     def calibrating(self) -> bool:
@@ -162,7 +156,8 @@ class TensorQuantizer(nn.Module):
         if self.bypass:
             return x
         if self._calibrator is not None:
-            self._calibrator.collect(tp_all_gather_last_dim(x) if self._histogram_over_tp() else x)
+            whole = self.input_split_over_tp and self.uses_distribution  # inputs are per tensor: a histogram
+            self._calibrator.collect(tp_all_gather(x, dim=-1) if whole else x)
             return x  # statistics come from unquantized values
         if not self._calibrated:
             raise NotCalibratedError(

@@ -23,8 +23,8 @@ activation is bit-identical at TP=1, 2, 3, ... Forward-only: calibration runs un
 """
 from __future__ import annotations
 
+import functools
 import math
-import types
 
 import torch
 import torch.distributed as dist
@@ -78,12 +78,12 @@ def _canonical_activation(act, shards_per_rank: int):
     return activation
 
 
-def _column_forward_impl(self: nn.Module, input, weight, bias=None, **_):
+def _column_forward_impl(self: nn.Module, input, weight, bias=None, *, gated: bool, **_):
     x, w = _operands(self, input, weight)
     k = _local_shards(self, w.shape[0], "output")
     # Gated fc1 holds [gate_r; up_r]: 2k row pieces (gate's k shards, then up's), each a
     # contiguous block at every layout; the outputs concatenate back into the same layout.
-    pieces = w.chunk(2 * k if self._nq_canonical_gated else k, dim=0)
+    pieces = w.chunk(2 * k if gated else k, dim=0)
     out = torch.cat([_gemm(x, p) for p in pieces], dim=-1)
     return out if bias is None else out + bias
 
@@ -124,10 +124,10 @@ class canonical_gemms:
         self.methods, self.mlps = [], []
         for name, module in (decoder.named_modules() if decoder is not None else []):
             if isinstance(module, RowParallelLinear):
-                self.methods.append((module, "forward", _row_forward))
+                self.methods.append((module, "forward", functools.partial(_row_forward, module)))
             elif isinstance(module, ColumnParallelLinear):
-                module._nq_canonical_gated = name.endswith("mlp.linear_fc1") and bool(module.config.gated_linear_unit)
-                self.methods.append((module, "_forward_impl", _column_forward_impl))
+                gated = name.endswith("mlp.linear_fc1") and bool(module.config.gated_linear_unit)
+                self.methods.append((module, "_forward_impl", functools.partial(_column_forward_impl, module, gated=gated)))
             elif isinstance(module, MLP):
                 self.mlps.append(module)
         # A gated MLP calls config.activation_func inside its forward; others their own attribute.
@@ -135,7 +135,7 @@ class canonical_gemms:
 
     def __enter__(self):
         for module, attr, fn in self.methods:
-            setattr(module, attr, types.MethodType(fn, module))
+            setattr(module, attr, fn)
         gated_shards = {}
         for mlp in self.mlps:
             k = _local_shards(mlp.linear_fc1, mlp.linear_fc2.input_size_per_partition, "FFN")

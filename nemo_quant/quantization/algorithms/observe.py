@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nemo_quant.distributed import dp_all_reduce, tp_all_gather_last_dim
+from nemo_quant.distributed import dp_all_reduce, tp_all_gather
 from nemo_quant.numerics.blocks import num_blocks, to_blocks
 
 
@@ -64,7 +64,7 @@ def gather_input_dim(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Row-parallel input slices -> the whole input dim (identity at TP=1 or column parallel)."""
     if not is_row_parallel(module) or tp_size_of(module) == 1:
         return x
-    return tp_all_gather_last_dim(x)
+    return tp_all_gather(x, dim=-1)
 
 
 def gather_output_dim(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
@@ -75,9 +75,7 @@ def gather_output_dim(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
     tp = tp_size_of(module)
     if tp == 1:
         return t
-    parts = [torch.empty_like(t) for _ in range(tp)]
-    dist.all_gather(parts, t.contiguous(), group=module.tp_group)
-    full = torch.cat(parts)
+    full = tp_all_gather(t, dim=0)
     return fc1_rows_in_tp1_order(full, tp) if getattr(module, "_nq_swiglu", False) else full
 
 
