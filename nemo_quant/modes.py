@@ -7,6 +7,7 @@ quantizer buffers exist when the checkpoint fills them.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -30,9 +31,14 @@ class Mode:
     # Refusals decided by the config and the model's shapes, without changing the model; run by
     # the preflight on every rank before any forward pass (it may use collectives).
     check: Callable[[nn.Module, Any], None] = lambda model, cfg: None
+    # What the mode does with calibration data right after `apply` (quantize: calibrate the
+    # scales; sparsity: choose the masks): (model, forward_loop) -> a report. Not replayed.
+    data_step: Callable[[nn.Module, Callable[[nn.Module], None]], Any] | None = None
 
 
 _MODES: dict[str, Mode] = {}
+# Built-in modes, imported on first use: each registers itself; none imports another's internals.
+_BUILTIN_MODES = ("nemo_quant.quantization.mode", "nemo_quant.sparsity.mode")
 
 
 def register_mode(mode: Mode) -> Mode:
@@ -41,7 +47,8 @@ def register_mode(mode: Mode) -> Mode:
 
 
 def _ensure_builtin_modes() -> None:
-    import nemo_quant.quantization.mode  # noqa: F401  (registers "quantize")
+    for module in _BUILTIN_MODES:
+        importlib.import_module(module)
 
 
 def get_mode(name: str) -> Mode:

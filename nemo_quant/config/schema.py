@@ -14,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 
 from nemo_quant.export.config import ExportConfig
 from nemo_quant.quantization.config import QuantConfig
+from nemo_quant.sparsity.config import SparsityConfig
 
 
 class Command(str, Enum):
@@ -96,6 +97,8 @@ class AppConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # Modes, applied in the canonical order: sparsity, then quantization.
+    sparsity: Optional[SparsityConfig] = None
     quant: Optional[QuantConfig] = None
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -110,4 +113,5 @@ def register_configs() -> None:
     cs.store(group="data", name="schema", node=DataConfig)
     cs.store(group="parallel", name="schema", node=ParallelConfig)
     cs.store(group="quant", name="schema", node=QuantConfig)
+    cs.store(group="sparsity", name="schema", node=SparsityConfig)
     cs.store(group="export", name="schema", node=ExportConfig)

@@ -46,13 +46,18 @@ def _validate_command(cfg: DictConfig) -> None:
     if cfg.checkpoint.load is not None and not (Path(cfg.checkpoint.load).expanduser() / "model").is_dir():
         raise ConfigError(f"checkpoint.load={cfg.checkpoint.load} is not a nemo_quant checkpoint directory.")
     if cfg.command == "ptq":
-        if cfg.quant is None:
-            raise ConfigError("`nemo-quant ptq` needs a quantization preset: add quant=<preset> "
-                              "(fp8, int8_sq, int4_awq, w4a8_awq, nvfp4, nvfp4_awq, mxfp8, int8_weight_only, int4_weight_only).")
+        if cfg.quant is None and cfg.sparsity is None:
+            raise ConfigError("`nemo-quant ptq` needs a mode: add quant=<preset> (fp8, int8_sq, int4_awq, w4a8_awq, "
+                              "nvfp4, nvfp4_awq, mxfp8, int8_weight_only, int4_weight_only) and/or sparsity=<preset> "
+                              "(admm, sparsegpt, magnitude).")
         if cfg.checkpoint.save is not None and Path(cfg.checkpoint.save).expanduser().exists() and not cfg.checkpoint.overwrite:
             raise ConfigError(f"checkpoint.save={cfg.checkpoint.save} exists; pick a new path or set checkpoint.overwrite=true.")
     if cfg.quant is not None:
         validate_quant_config(OmegaConf.to_object(cfg.quant))
+    if cfg.sparsity is not None:
+        from nemo_quant.sparsity.mode import validate_sparsity_config
+
+        validate_sparsity_config(OmegaConf.to_object(cfg.sparsity))
     _validate_export(cfg)
     if cfg.command == "train":
         if cfg.checkpoint.save is None:

@@ -51,8 +51,8 @@ def _tp_axis(owner: torch.nn.Module, name: str, t: torch.Tensor) -> int | None:
 
     if isinstance(owner, TensorQuantizer):
         return owner.amax_tp_axis
-    if name == "pre_quant_scale":
-        return 0 if getattr(owner, "_nq_weight_tp_axis", None) == 1 else None
+    if hasattr(owner, "tp_axis_map") and name not in ("weight", "bias"):
+        return owner.tp_axis_map().get(name)  # a mode's per-row / per-column tensors (masks, scales)
     return getattr(t, "partition_dim", None) if getattr(t, "tensor_model_parallel", False) else None
 
 

@@ -76,9 +76,13 @@ class HFWriter:
         files = self.tensors.close()
         quant = summary.hf_quant_config()
         config = hf_model_config(self.arch, self.dtype, tokenizer)
+        sparsity = summary.sparsity_config()
+        if sparsity is not None:
+            config["sparsity_config"] = sparsity
         if quant["quant_algo"] is not None or quant.get("kv_cache_quant_algo"):
             config["quantization_config"] = summary.flat_quantization_config(producer)
-            _write_json(self.directory / "hf_quant_config.json", {"producer": producer, "quantization": quant})
+            nested = {"producer": producer, "quantization": quant}
+            _write_json(self.directory / "hf_quant_config.json", {**nested, "sparsity": sparsity} if sparsity else nested)
         _write_json(self.directory / "config.json", config)
         _write_json(self.directory / "generation_config.json", {
             k: v for k, v in (("bos_token_id", config.get("bos_token_id")), ("eos_token_id", config.get("eos_token_id")))

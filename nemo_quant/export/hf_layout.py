@@ -40,6 +40,7 @@ class HFLayer:
     linears: dict[str, QuantizedLinear]  # keyed by "self_attn.q_proj", ...
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None  # FP8 K and V dequant scales (0-d)
     group_sizes: dict[str, int] = field(default_factory=dict)
+    sparse_projs: list[str] = field(default_factory=list)  # projections under a sparsity mask
 
     def format_of(self, proj: str) -> ExportFormat:
         return self.linears[proj].fmt
@@ -87,12 +88,24 @@ def check_kv_spec(spec, where: str) -> None:
                           "cannot be exported; checkpoints carry FP8 (E4M3) per-tensor KV-cache scales only.")
 
 
+def check_masked_zeros(weight: torch.Tensor, mask: torch.Tensor, where: str) -> None:
+    """Pruned weights must be exactly zero: the deployed model has no mask, only the zeros."""
+    bad = int((weight[~mask] != 0).sum())
+    if bad:
+        raise ExportError(f"{where}: {bad} weights are nonzero where its sparsity mask is 0 (the checkpoint's weights "
+                          "violate its masks: was it edited, or trained outside nemo_quant?); re-run sparsify or "
+                          "fix the weights.")
+
+
 def convert_layer(piece: LayerPiece, arch: LlamaArch) -> HFLayer:
     t = piece.tensors
     where = f"decoder.layers.{piece.index}"
-    linears, groups = {}, {}
+    linears, groups, sparse = {}, {}, []
     for name, projs in SPLITS.items():
         weight = t[f"{name}.weight"]
+        mask = t.get(f"{name}.sparse_mask")
+        if mask is not None:
+            check_masked_zeros(weight, mask, f"{where}.{name}")
         fmt, group = linear_format(piece.specs.get(name, (None, None)), weight.shape[1], f"{where}.{name}")
         pqs = t.get(f"{name}.pre_quant_scale")
         check_pre_quant_scale(fmt, pqs, len(projs) > 1, f"{where}.{name}")
@@ -105,10 +118,11 @@ def convert_layer(piece: LayerPiece, arch: LlamaArch) -> HFLayer:
         for proj, index in zip(projs, _row_groups(name, fused.out_features, arch)):
             linears[proj] = fused.take_rows(index)
             groups[proj] = group
+        sparse += list(projs) if mask is not None else []
     kv = None
     if piece.kv_spec is not None:
         check_kv_spec(piece.kv_spec, where)
         kv = tuple(fp8_scale(t[f"self_attention.core_attention.{r}_quantizer._amax"].reshape(()), E4M3)
                    for r in ("k", "v"))
     norms = {hf: t[mg] for mg, hf in NORMS.items()}
-    return HFLayer(piece.index, norms, linears, kv, groups)
+    return HFLayer(piece.index, norms, linears, kv, groups, sparse)

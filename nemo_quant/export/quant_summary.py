@@ -31,11 +31,26 @@ class QuantSummary:
     def __init__(self) -> None:
         self.modules: dict[str, tuple[ExportFormat, int]] = {}  # HF module name -> (format, group)
         self.kv_layers: list[bool] = []
+        self.sparse_modules: list[str] = []  # HF names of the projections under a sparsity mask
+        self.sparsity: dict | None = None  # {"n", "m", "method"} of the model's sparsity mode
 
     def add(self, layer: HFLayer) -> None:
         for proj, ql in layer.linears.items():
             self.modules[f"model.layers.{layer.index}.{proj}"] = (ql.fmt, layer.group_sizes.get(proj, 0))
         self.kv_layers.append(layer.kv_scales is not None)
+        self.sparse_modules += [f"model.layers.{layer.index}.{proj}" for proj in layer.sparse_projs]
+
+    def sparsity_config(self, trtllm: bool = False) -> dict | None:
+        """The documented `sparsity_config` block (HF config.json and hf_quant_config.json; the
+        TensorRT-LLM config.json as `sparsity`, with its module names): which modules hold an
+        n:m pattern along their input dim, stored dense (the zeros in place)."""
+        if self.sparsity is None or not self.sparse_modules:
+            return None
+        targets = self.sparse_modules
+        if trtllm:
+            targets = sorted({_trt_name(m) for m in targets}, key=_layer_order)
+        return {"format": "dense", "sparsity_structure": f"{self.sparsity['n']}:{self.sparsity['m']}",
+                "method": self.sparsity["method"], "targets": targets}
 
     @property
     def kinds(self) -> set[tuple[ExportFormat, int]]:
@@ -112,3 +127,8 @@ class QuantSummary:
 def _trt_name(hf_module: str) -> str:
     _, _, index, *rest = hf_module.split(".")
     return f"transformer.layers.{index}.{TRTLLM_MODULE['.'.join(rest)]}"
+
+
+def _layer_order(name: str) -> tuple[int, str]:
+    parts = name.split(".")
+    return (int(parts[2]), name) if len(parts) > 2 and parts[2].isdigit() else (-1, name)

@@ -169,6 +169,9 @@ class TRTLLMWriter:
             f.close()
         quant, quant_cfg = summary.trtllm_quantization(self.pp)
         config = trtllm_config(self.arch, self.dtype, self.tp, self.pp, self.architecture, quant, producer)
+        sparsity = summary.sparsity_config(trtllm=True)
+        if sparsity is not None:
+            config["sparsity"] = sparsity  # trtllm-build --weight_sparsity turns the zeros into sparse GEMMs
         (self.directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if quant_cfg is not None:
             (self.directory / "quant_cfg.json").write_text(json.dumps(quant_cfg, indent=2) + "\n")

@@ -243,6 +243,11 @@ def validate_hf(directory: Path, report: Report) -> None:
                             f"{p}self_attn.{r}_proj.{r}_scale")
                 expected[name] = ({"F32"}, SCALAR, True)
     _compare(expected, header, "model", report)
+    if "sparsity_config" in config:
+        from nemo_quant.export.validate_sparsity import check_declared, hf_tensor_reader
+
+        check_declared(config["sparsity_config"], hf_tensor_reader(directory), lambda mod: quant.of(mod)[0],
+                       "config.json sparsity_config", report.errors)
 
 
 # -- TensorRT-LLM ------------------------------------------------------------------------------
@@ -313,6 +318,31 @@ def validate_trtllm(directory: Path, report: Report) -> None:
                 for opt in ("k_cache_scaling_factor", "v_cache_scaling_factor", "kv_cache_rcp_scaling_factor"):
                     expected[p + "attention." + opt] = ({"F32"}, SCALAR, False)
         _compare(expected, header, path.name, report)
+    if "sparsity" in config:
+        _check_trtllm_sparsity(directory, config["sparsity"], quant, tp, per_stage, report)
+
+
+def _check_trtllm_sparsity(directory: Path, block: dict, quant: QuantBlock, tp: int, per_stage: int,
+                           report: Report) -> None:
+    """Each global target `transformer.layers.<i>.<module>` on every TP rank of its stage."""
+    from safetensors import safe_open
+
+    from nemo_quant.export.validate_sparsity import check_declared
+
+    for tp_rank in range(tp):
+        def read(module: str, tp_rank=tp_rank):
+            _, _, index, *rest = module.split(".")
+            stage, local = divmod(int(index), per_stage)
+            path = directory / f"rank{stage * tp + tp_rank}.safetensors"
+            name = f"transformer.layers.{local}.{'.'.join(rest)}.weight"
+            with safe_open(str(path), framework="pt") as fh:
+                return fh.get_tensor(name) if name in fh.keys() else None
+
+        def algo_of(module: str) -> str | None:
+            layer = module.split(".")[2]
+            return quant.of(module if quant.algo == "MIXED_PRECISION" else module.replace(layer, str(int(layer) % per_stage), 1))[0]
+
+        check_declared(block, read, algo_of, f"config.json sparsity (TP rank {tp_rank})", report.errors)
 
 
 def validate_checkpoint(directory: str | Path) -> Report:

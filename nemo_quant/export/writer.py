@@ -95,6 +95,13 @@ def export_checkpoint(model, arch: LlamaArch, cfg: ExportConfig, tokenizer=None)
     start = time.perf_counter()
     result = ExportResult(Path(cfg.path).expanduser().resolve())
     summary = QuantSummary()
+    summary.sparsity = _sparsity_of(model)
+    if summary.sparsity is not None:
+        from nemo_quant.sparsity.modules import mask_problems
+
+        problems = [p for p in gather_messages(mask_problems(model, summary.sparsity["n"], summary.sparsity["m"])) if p]
+        if problems:
+            raise ExportError(problems[0])
     with atomic_directory(result.path, cfg.overwrite, key="export.path") as staging:
         writers = _writers(staging, arch, dtype, cfg) if is_main_rank() else {}
         stream = stream_model(model, arch.vocab_size)
@@ -123,6 +130,13 @@ def export_checkpoint(model, arch: LlamaArch, cfg: ExportConfig, tokenizer=None)
         result.files = [result.path / f.relative_to(staging) for f in result.files]
         result.bytes_written = sum(f.stat().st_size for f in result.path.rglob("*") if f.is_file())
     return result
+
+
+def _sparsity_of(model) -> dict | None:
+    from nemo_quant.modes import mode_config
+
+    cfg = mode_config(model, "sparsity")
+    return None if cfg is None else {"n": cfg.n, "m": cfg.m, "method": getattr(cfg.method, "value", cfg.method)}
 
 
 def _consume(stream, writers: dict, summary: QuantSummary, arch: LlamaArch) -> None:

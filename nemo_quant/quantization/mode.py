@@ -57,6 +57,12 @@ def _apply(model: nn.Module, cfg: QuantConfig) -> ConversionReport:
     return report
 
 
+def _calibrate(model: nn.Module, forward_loop) -> None:
+    from nemo_quant.quantization.calibrate import calibrate
+
+    calibrate(model, forward_loop)
+
+
 QUANTIZE = register_mode(Mode(
     name="quantize",
     config_class=QuantConfig,
@@ -64,4 +70,5 @@ QUANTIZE = register_mode(Mode(
     may_follow=frozenset({"prune", "sparsity"}),
     validate=validate_quant_config,
     check=_check,
+    data_step=_calibrate,
 ))

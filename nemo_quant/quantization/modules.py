@@ -18,28 +18,23 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from nemo_quant.models.gemm_operands import GemmOperandsMixin, mark_linear_layout, megatron_type, stacked_class
 from nemo_quant.quantization.config import SMOOTHING, Algorithm, QuantConfig, QuantizerSpec
 from nemo_quant.quantization.tensor_quantizer import TensorQuantizer
 
 
-class QuantLinearMixin:
+class QuantLinearMixin(GemmOperandsMixin):
     """Column-/row-parallel linear with input and weight quantizers.
 
     `pre_quant_scale` (SmoothQuant / AWQ layers only) multiplies the GEMM input per channel
     before its quantizer; the weight was divided by it, so the product is unchanged. It is
     the rank's slice of the input dim for row-parallel layers and the whole dim otherwise.
-    `_nq_observer`, when set, sees the GEMM input first (statistics of the algorithms)."""
-
-    _nq_observer = None
-
-    def _forward_impl(self, input, weight, *args, **kwargs):
-        input, weight = self.gemm_operands(input, weight)
-        return super()._forward_impl(input, weight, *args, **kwargs)
+    Quantization is the last step of `gemm_operands`: it sees the weight a sparsity mask
+    already applied to, and the input the statistics observer already saw."""
 
     def gemm_operands(self, input, weight):
-        """(input, weight) as the GEMM consumes them: observed, scaled, fake-quantized."""
-        if self._nq_observer is not None:
-            self._nq_observer(input)
+        """(input, weight) as the GEMM consumes them: observed, masked, scaled, fake-quantized."""
+        input, weight = super().gemm_operands(input, weight)
         if getattr(self, "pre_quant_scale", None) is not None:
             input = input * self.pre_quant_scale.to(input.dtype)
         if self.input_quantizer is not None:
@@ -56,30 +51,19 @@ class QuantLinearMixin:
             lines.append(f"  ({role}): " + (f"TensorQuantizer({q.extra_repr()})" if q is not None else "None"))
         return "\n".join(lines) + "\n)"
 
-    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
-
-        axis_map = {"weight": self._nq_weight_tp_axis}
-        if self._nq_weight_tp_axis == 0:
-            axis_map["bias"] = 0
+    def tp_axis_map(self) -> dict[str, int]:
+        axis_map = super().tp_axis_map()
         if self._nq_weight_tp_axis == 1:
             axis_map["pre_quant_scale"] = 0  # row parallel: split along the input dim
         for role in ("input_quantizer", "weight_quantizer"):
             q = getattr(self, role)
             if q is not None and q.amax_tp_axis is not None:
                 axis_map[f"{role}._amax"] = q.amax_tp_axis
-        sharded = make_sharded_tensors_for_checkpoint(
-            self.state_dict(prefix="", keep_vars=True), prefix, axis_map, sharded_offsets,
-            tp_group=self.tp_group, dp_cp_group=(metadata or {}).get("dp_cp_group"),
-        )
-        key = f"{prefix}weight_quantizer._amax"
-        if getattr(self, "_nq_swiglu", False) and axis_map.get("weight_quantizer._amax") == 0:
-            # Gated MLP fc1 rows are [gate_r; up_r] per rank: reshard amax rows like the weight.
-            from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+        return axis_map
 
-            sharded[key] = apply_swiglu_sharded_factory(
-                sharded[key], sharded_offsets, (metadata or {}).get("singleton_local_shards", False))
-        return sharded
+    def swiglu_row_keys(self) -> list[str]:
+        # Gated MLP fc1 rows are [gate_r; up_r] per rank: reshard amax rows like the weight.
+        return [*super().swiglu_row_keys(), "weight_quantizer._amax"]
 
 
 class QuantAttentionMixin:
@@ -123,15 +107,6 @@ def _build_registry() -> dict[type, RegistryEntry]:
         DotProductAttention: RegistryEntry(QuantAttentionMixin, "attention"),
         SDPADotProductAttention: RegistryEntry(QuantAttentionMixin, "attention"),
     }
-
-
-_QUANT_CLASSES: dict[type, type] = {}
-
-
-def _quant_class(base: type, mixin: type) -> type:
-    if base not in _QUANT_CLASSES:
-        _QUANT_CLASSES[base] = type(f"Quant{base.__name__}", (mixin, base), {"_nq_base": base})
-    return _QUANT_CLASSES[base]
 
 
 @dataclass
@@ -194,10 +169,10 @@ def plan_conversion(model: nn.Module, cfg: QuantConfig) -> tuple[list[PlannedCon
     plan = []
     for local_name, module in list(model.named_modules()):
         name = global_name(model, local_name)
-        entry = next((e for t, e in registry.items() if type(module) is t), None)
+        if isinstance(module, (QuantLinearMixin, QuantAttentionMixin, TensorQuantizer)):
+            continue  # already quantized, or one of our quantizers
+        entry = registry.get(megatron_type(module))
         if entry is None:
-            if hasattr(type(module), "_nq_base") or isinstance(module, TensorQuantizer):
-                continue  # already converted, or one of our quantizers
             if _is_weight_bearing(module) and "Embedding" not in type(module).__name__:
                 report.unregistered[type(module).__name__] += 1
             continue
@@ -226,7 +201,7 @@ def convert_model(model: nn.Module, cfg: QuantConfig) -> ConversionReport:
             _convert_linear(item.module, item.entry, cfg, item.name, item.weight_spec, item.input_spec)
         else:
             _convert_attention(item.module, item.entry, cfg)
-        report.converted[type(item.module)._nq_base.__name__] += 1
+        report.converted[megatron_type(item.module).__name__] += 1
     return report
 
 
@@ -241,15 +216,13 @@ def _linear_specs(cfg: QuantConfig, name: str, report: ConversionReport):
 
 def _convert_linear(module: nn.Module, entry: RegistryEntry, cfg: QuantConfig, name: str,
                     weight_spec: QuantizerSpec | None, input_spec: QuantizerSpec | None) -> None:
-    base = type(module)
-    module._nq_swiglu = name.endswith("linear_fc1") and bool(getattr(module.config, "gated_linear_unit", False))
+    mark_linear_layout(module, name, entry.weight_tp_axis)
     shape = tuple(module.weight.shape)
     module.weight_quantizer = TensorQuantizer(weight_spec, "weight", shape) if weight_spec is not None else None
     module.input_quantizer = TensorQuantizer(input_spec, "input") if input_spec is not None else None
     if Algorithm(cfg.algorithm) in SMOOTHING:
         local_in = shape[1]
         module.register_buffer("pre_quant_scale", torch.ones(local_in, dtype=torch.float32))
-    module._nq_weight_tp_axis = entry.weight_tp_axis
     if module.input_quantizer is not None and entry.weight_tp_axis == 1:
         module.input_quantizer.input_split_over_tp = True
     wq = module.weight_quantizer
@@ -267,7 +240,7 @@ def _convert_linear(module: nn.Module, entry: RegistryEntry, cfg: QuantConfig, n
                 from megatron.core.utils import get_pg_rank
 
                 wq.use_global_blocks(get_pg_rank(module.tp_group) * module.input_size_per_partition, module.input_size)
-    module.__class__ = _quant_class(base, entry.mixin)
+    module.__class__ = stacked_class(module, entry.mixin, "Quant")
 
 
 def _check_dynamic_blocks(module: nn.Module, entry: RegistryEntry, weight_spec, input_spec) -> None:
@@ -293,7 +266,6 @@ def _check_dynamic_blocks(module: nn.Module, entry: RegistryEntry, weight_spec, 
 
 
 def _convert_attention(module: nn.Module, entry: RegistryEntry, cfg: QuantConfig) -> None:
-    base = type(module)
     module.k_quantizer = TensorQuantizer(cfg.kv_cache, "kv_cache")
     module.v_quantizer = TensorQuantizer(cfg.kv_cache, "kv_cache")
-    module.__class__ = _quant_class(base, entry.mixin)
+    module.__class__ = stacked_class(module, entry.mixin, "Quant")

@@ -34,6 +34,38 @@ def quant_config(cfg: DictConfig):
     return OmegaConf.to_object(cfg.quant)
 
 
+def configured_modes(cfg: DictConfig, model=None) -> list[tuple[str, object]]:
+    """The job's modes in canonical order (sparsity, quantize), less those `model` already
+    carries (a checkpoint that was pruned or quantized before)."""
+    from nemo_quant.modes import mode_state
+
+    done = {m["name"] for m in mode_state(model)} if model is not None else set()
+    modes = []
+    if cfg.sparsity is not None and "sparsity" not in done:
+        modes.append(("sparsity", OmegaConf.to_object(cfg.sparsity)))
+    if cfg.quant is not None and "quantize" not in done:
+        modes.append(("quantize", quant_config(cfg)))
+    return modes
+
+
+def apply_with_data(cfg: DictConfig, model, modes: list[tuple[str, object]], calib, plan_quant=None) -> dict:
+    """Apply `modes` in order, each followed by its data step (sparsity chooses its masks before
+    quantization is applied and calibrated on the pruned weights). `plan_quant(qcfg)` may
+    replace the quantize config (auto mixed precision). Returns each step's report by mode."""
+    from nemo_quant.modes import apply_modes, get_mode
+    from nemo_quant.quantization.forward_loop import windows_forward_loop
+
+    reports = {}
+    loop = windows_forward_loop(calib, cfg.data.batch_size)
+    for name, mode_cfg in modes:
+        if name == "quantize" and plan_quant is not None:
+            mode_cfg = plan_quant(mode_cfg)
+        apply_modes(model, [(name, mode_cfg)])
+        step = get_mode(name).data_step
+        reports[name] = step(model, loop) if step is not None else None
+    return reports
+
+
 def print_table(rows: list[dict[str, object]]) -> None:
     if not is_main_rank() or not rows:
         return

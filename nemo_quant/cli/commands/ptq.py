@@ -7,7 +7,7 @@ import psutil
 from omegaconf import DictConfig
 
 from nemo_quant.cli.commands.common import (
-    load_for_command, megatron_session, print_table, quant_config, report, write_results,
+    apply_with_data, configured_modes, load_for_command, megatron_session, print_table, report, write_results,
 )
 
 
@@ -67,32 +67,28 @@ def _baseline(cfg: DictConfig, loaded, evals) -> float:
 def run_ptq(cfg: DictConfig) -> None:
     from nemo_quant.data.datasets import calibration_windows, evaluation_windows
     from nemo_quant.eval.perplexity import perplexity
-    from nemo_quant.modes import apply_modes
     from nemo_quant.preflight import preflight
-    from nemo_quant.quantization.calibrate import calibrate
-    from nemo_quant.quantization.forward_loop import windows_forward_loop
 
-    qcfg = quant_config(cfg)
     with megatron_session(cfg):
         loaded = load_for_command(cfg)
-        preflight(loaded.model, loaded.source.arch, [("quantize", qcfg)], cfg.export)
+        modes = configured_modes(cfg, loaded.model)
+        preflight(loaded.model, loaded.source.arch, modes, cfg.export)
         calib = calibration_windows(cfg.data, loaded.tokenizer)
         evals = evaluation_windows(cfg.data, loaded.tokenizer)
         before = _baseline(cfg, loaded, evals)
 
         start = time.perf_counter()
-        if qcfg.auto is not None:
-            qcfg = _auto_plan(cfg, loaded.model, calib, qcfg)
-        apply_modes(loaded.model, [("quantize", qcfg)])
-        calibrate(loaded.model, windows_forward_loop(calib, cfg.data.batch_size))
+        plan_quant = (lambda qcfg: _auto_plan(cfg, loaded.model, calib, qcfg) if qcfg.auto is not None else qcfg)
+        reports = apply_with_data(cfg, loaded.model, modes, calib, plan_quant)
         calib_s = time.perf_counter() - start
 
         after = perplexity(loaded.model, evals, loaded.vocab_size, cfg.data.batch_size).perplexity
         rss_gib = psutil.Process().memory_info().rss / 2**30
         delta = 100.0 * (after - before) / before
+        label = " + ".join(c.name for _, c in modes)
         print_table([
             {"model": cfg.model.name, "format": "baseline", "perplexity": f"{before:.3f}", "delta %": "", "calib s": ""},
-            {"model": cfg.model.name, "format": qcfg.name, "perplexity": f"{after:.3f}",
+            {"model": cfg.model.name, "format": label, "perplexity": f"{after:.3f}",
              "delta %": f"{delta:+.2f}", "calib s": f"{calib_s:.1f}"},
         ])
         if cfg.checkpoint.save is not None:
@@ -104,5 +100,7 @@ def run_ptq(cfg: DictConfig) -> None:
             from nemo_quant.cli.commands.export import export_step
 
             exported = export_step(cfg, loaded)
-        write_results({"preset": qcfg.name, "baseline_ppl": before, "quant_ppl": after, "delta_pct": delta,
-                       "calib_s": calib_s, "rss_gib": rss_gib, "checkpoint": cfg.checkpoint.save, **exported})
+        sparsified = reports.get("sparsity")
+        write_results({"preset": label, "baseline_ppl": before, "quant_ppl": after, "delta_pct": delta,
+                       "calib_s": calib_s, "rss_gib": rss_gib, "checkpoint": cfg.checkpoint.save,
+                       **({"sparsify_s": sparsified.seconds} if sparsified is not None else {}), **exported})

@@ -1,8 +1,9 @@
-"""`nemo-quant train`: QAT (quantizers on, scales frozen) or plain fine-tuning, resumable.
+"""`nemo-quant train`: QAT (quantizers on, scales frozen), sparse fine-tuning (masks
+kept), or plain fine-tuning, resumable.
 
 Start points, in order: the latest checkpoint under checkpoint.save (resume), a nemo_quant
 checkpoint in checkpoint.load (e.g. a PTQ result: QAT continues from it), or the configured
-model with quant=<preset> applied and calibrated here.
+model with sparsity=<preset> / quant=<preset> applied here (masks chosen, scales calibrated).
 """
 from __future__ import annotations
 
@@ -10,16 +11,16 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from nemo_quant.cli.commands.common import load_for_command, megatron_session, quant_config, report, write_results
+from nemo_quant.cli.commands.common import (
+    apply_with_data, configured_modes, load_for_command, megatron_session, report, write_results,
+)
 
 
 def run_train(cfg: DictConfig) -> None:
     from nemo_quant.data.datasets import calibration_windows, training_windows
     from nemo_quant.models.loading import load_model
-    from nemo_quant.modes import apply_modes, mode_state
+    from nemo_quant.modes import mode_state
     from nemo_quant.preflight import preflight
-    from nemo_quant.quantization.calibrate import calibrate
-    from nemo_quant.quantization.forward_loop import windows_forward_loop
     from nemo_quant.training.loop import TrainState, latest_checkpoint, make_optimizer, resume, train
 
     save_dir = Path(cfg.checkpoint.save).expanduser()
@@ -34,12 +35,11 @@ def run_train(cfg: DictConfig) -> None:
         else:
             loaded = load_for_command(cfg)
             origin = f"checkpoint {cfg.checkpoint.load}" if cfg.checkpoint.load else "model weights"
-            quantize = cfg.quant is not None and not any(m["name"] == "quantize" for m in mode_state(loaded.model))
-            preflight(loaded.model, loaded.source.arch, [("quantize", quant_config(cfg))] if quantize else [], cfg.export)
-            if quantize:
-                apply_modes(loaded.model, [("quantize", quant_config(cfg))])
-                calibrate(loaded.model, windows_forward_loop(calibration_windows(cfg.data, loaded.tokenizer), cfg.data.batch_size))
-                origin += f" + {cfg.quant.name} calibrated"
+            modes = configured_modes(cfg, loaded.model)
+            preflight(loaded.model, loaded.source.arch, modes, cfg.export)
+            if modes:
+                apply_with_data(cfg, loaded.model, modes, calibration_windows(cfg.data, loaded.tokenizer))
+                origin += "".join(f" + {c.name} applied" for _, c in modes)
             optimizer = make_optimizer(loaded.model, cfg.train.lr, cfg.train.weight_decay)
             state = TrainState()
         windows = training_windows(cfg.data, cfg.train, loaded.tokenizer)

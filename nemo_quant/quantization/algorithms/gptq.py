@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from nemo_quant.numerics.fp8 import fake_quant_fp8
+from nemo_quant.numerics.obs_sweep import damped_hessian, inverse_factor, obs_sweep
 from nemo_quant.numerics.integer import fake_quant_int
 from nemo_quant.quantization.config import FP8, INT_BITS, GptqConfig, QFormat
 
@@ -31,39 +32,29 @@ def column_quantizer(fmt: QFormat) -> ColumnQuantizer:
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, amax_per_column: torch.Tensor, quantize: ColumnQuantizer,
-                  cfg: GptqConfig, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+                  cfg: GptqConfig, input_scale: torch.Tensor | None = None,
+                  keep: torch.Tensor | None = None) -> torch.Tensor:
     """Dequantized weights [rows, cols] for `w` on `quantize`'s grid, given X^T X and every element's amax.
 
     With a pre-quant scale p (the layer computes (x * p) @ w^T, w already divided by p), the
     problem is solved in the scaled basis, H' = diag(p) H diag(p), but damped in the original
     one: damping H' directly would shrink the regulariser of a channel by p^2, and AWQ gives
-    rarely active channels large p, where GPTQ would then park its error for free."""
-    w = w.double().clone()
-    h = hessian.double().clone()
+    rarely active channels large p, where GPTQ would then park its error for free.
+
+    `keep` (bool [rows, cols]) is a sparsity mask: pruned weights are fixed at 0 and their
+    whole value becomes error the remaining columns absorb (joint SparseGPT + GPTQ)."""
+    w, h = damped_hessian(w, hessian, cfg.damp)
     amax = amax_per_column.double()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h += cfg.damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
     if input_scale is not None:
         p = input_scale.double()
         h = h * p.unsqueeze(1) * p.unsqueeze(0)
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if cfg.act_order else torch.arange(w.shape[1])
     w, h, amax = w[:, perm], h[perm][:, perm], amax[:, perm]
-    # Upper Cholesky factor of H^-1: row i holds how column i's error spreads to columns > i.
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    q = torch.zeros_like(w)
-    cols = w.shape[1]
-    for start in range(0, cols, cfg.block_size):
-        end = min(start + cfg.block_size, cols)
-        block, u_block = w[:, start:end].clone(), u[start:end, start:end]
-        errors = torch.zeros_like(block)
-        for i in range(end - start):
-            col = block[:, i]
-            qcol = quantize(col, amax[:, start + i])
-            q[:, start + i] = qcol
-            err = (col - qcol) / u_block[i, i]
-            block[:, i:] -= err.unsqueeze(1) * u_block[i, i:].unsqueeze(0)
-            errors[:, i] = err
-        w[:, end:] -= errors @ u[start:end, end:]
+    keep = keep[:, perm] if keep is not None else None
+
+    def rule(block: torch.Tensor, i: int, start: int, u_block: torch.Tensor) -> torch.Tensor:
+        q = quantize(block[:, i], amax[:, start + i])
+        return q if keep is None else q * keep[:, start + i]
+
+    q = obs_sweep(w, inverse_factor(h), cfg.block_size, rule)
     return q[:, torch.argsort(perm)].float()

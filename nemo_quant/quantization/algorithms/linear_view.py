@@ -1,4 +1,4 @@
-"""One quantized linear layer as the algorithms see it: its whole weight, in TP=1's layout.
+"""One linear layer as the algorithms (quantization, sparsity) see it: its whole weight, in TP=1's layout.
 
 Every rank gathers the layer's full weight (column-parallel rows are all-gathered and put in
 TP=1's row order, gated fc1's per-rank [gate_r; up_r] included; row-parallel input columns
@@ -30,8 +30,8 @@ class LinearView:
         # A copy: the view must not alias the parameter it later writes back into.
         local = module.weight.detach().float().clone()
         self.weight = gather_input_dim(module, local) if self.row_parallel else gather_output_dim(module, local)
-        self.wspec: QuantizerSpec | None = module.weight_quantizer.spec if module.weight_quantizer is not None else None
-        iq = module.input_quantizer
+        wq, iq = getattr(module, "weight_quantizer", None), getattr(module, "input_quantizer", None)
+        self.wspec: QuantizerSpec | None = wq.spec if wq is not None else None
         self.ispec: QuantizerSpec | None = iq.spec if iq is not None else None
 
     # -- the weight quantizer on the view ----------------------------------------------
@@ -87,9 +87,13 @@ class LinearView:
         column-parallel layer; row-parallel amax covers every (global) block on every rank."""
         return self.local_rows(amax) if amax.ndim == 2 else amax
 
+    def local_share(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a full tensor shaped like the weight (TP=1 layout in)."""
+        return self.local_rows(self.local_columns(t))
+
     def write_weight(self, w: torch.Tensor) -> None:
         with torch.no_grad():
-            self.module.weight.copy_(self.local_rows(self.local_columns(w)).to(self.module.weight.dtype))
+            self.module.weight.copy_(self.local_share(w).to(self.module.weight.dtype))
 
 
 def _tp_rank(module: nn.Module) -> int:

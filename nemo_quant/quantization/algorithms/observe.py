@@ -90,7 +90,7 @@ class LinearObserver:
         self.abssum = torch.zeros(n, dtype=torch.float64)
         self.count = torch.zeros(1, dtype=torch.float64)
         self.samples: list[torch.Tensor] = []
-        self.block_size = weight_block_size(module)
+        self.block_size = weight_block_size(module) if needs.block_hessian else n
         bs = self.block_size
         self.block_hessian = torch.zeros(num_blocks(n, bs), bs, bs) if needs.block_hessian else None
         self.hessian = torch.zeros(n, n) if needs.hessian else None

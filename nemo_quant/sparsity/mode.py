@@ -1,0 +1,82 @@
+"""The `sparsity` mode: n:m masks on the decoder's linear layers (apply = convert; the masks
+are chosen by `sparsify`, or loaded from a checkpoint)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from nemo_quant.config.validate import ConfigError
+from nemo_quant.modes import Mode, register_mode
+from nemo_quant.runtime.distributed_init import is_main_rank
+from nemo_quant.sparsity.config import SparsityConfig, SparsityMethod
+from nemo_quant.sparsity.modules import _tp_axes, convert_to_sparse, megatron_type, plan_sparsity
+
+
+def validate_sparsity_config(cfg: SparsityConfig) -> None:
+    if not 1 <= cfg.m <= 64:
+        raise ConfigError(f"sparsity.m={cfg.m}: must be between 1 and 64 (2:4 and 4:8 are what GPUs accelerate).")
+    if not 0 < cfg.n < cfg.m:
+        raise ConfigError(f"sparsity.n={cfg.n}: must be between 1 and sparsity.m - 1 = {cfg.m - 1}.")
+    if cfg.damp < 0:
+        raise ConfigError(f"sparsity.damp={cfg.damp}: must be >= 0.")
+    if cfg.block_size < cfg.m or cfg.block_size % cfg.m:
+        raise ConfigError(f"sparsity.block_size={cfg.block_size}: must be a positive multiple of sparsity.m={cfg.m}.")
+    a = cfg.admm
+    if a.iterations < 0 or a.refit_iterations < 0:
+        raise ConfigError("sparsity.admm.iterations and sparsity.admm.refit_iterations must be >= 0.")
+    if a.rho_start <= 0 or a.rho_growth < 1:
+        raise ConfigError(f"sparsity.admm.rho_start={a.rho_start} must be > 0 and sparsity.admm.rho_growth="
+                          f"{a.rho_growth} >= 1.")
+    SparsityMethod(cfg.method)
+
+
+def _check(model: nn.Module, cfg: SparsityConfig) -> None:
+    """Shape rules on every rank; exclude patterns must match somewhere in the pipeline (hit
+    counts reduced over all ranks even when this rank's check failed, so no rank waits)."""
+    problem, hits = None, [0] * len(cfg.exclude)
+    try:
+        plan = plan_sparsity(model, cfg)
+        hits = plan.exclude_hits
+        layers = len(plan.layers)
+    except ConfigError as e:
+        problem, layers = str(e), 0
+    counts = torch.tensor(hits + [layers], dtype=torch.int64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(counts)
+    if problem is not None:
+        raise ConfigError(problem)
+    for i, pattern in enumerate(cfg.exclude):
+        if counts[i] == 0:
+            raise ConfigError(f"sparsity.exclude[{i}]={pattern!r} matches no linear layer; module names look like "
+                              "'decoder.layers.0.mlp.linear_fc1' or 'output_layer' (fnmatch syntax).")
+    if counts[-1] == 0:
+        raise ConfigError("sparsity.exclude leaves no linear layer to prune; remove some patterns.")
+
+
+def _apply(model: nn.Module, cfg: SparsityConfig) -> int:
+    axes = _tp_axes()
+    plan = plan_sparsity(model, cfg)
+    for name, module in plan.layers:
+        convert_to_sparse(module, name, axes[megatron_type(module)])
+    if is_main_rank():
+        print(f"[nemo_quant] sparsity {cfg.n}:{cfg.m} ({SparsityMethod(cfg.method).value}): {len(plan.layers)} linear "
+              f"layers on rank 0's stage; masks are chosen by sparsify()", flush=True)
+    return len(plan.layers)
+
+
+def _sparsify(model: nn.Module, forward_loop):
+    from nemo_quant.sparsity.one_shot import sparsify
+
+    return sparsify(model, forward_loop)
+
+
+SPARSITY = register_mode(Mode(
+    name="sparsity",
+    config_class=SparsityConfig,
+    apply=_apply,
+    may_follow=frozenset({"prune"}),
+    validate=validate_sparsity_config,
+    check=_check,
+    data_step=_sparsify,
+))
