@@ -57,6 +57,8 @@ def tp_all_gather(t: torch.Tensor, dim: int) -> torch.Tensor:
     tp, _ = _groups()
     if tp is None:
         return t
+    if t.dtype == torch.bool:  # gloo has no bool collectives: masks travel as bytes
+        return tp_all_gather(t.to(torch.uint8), dim).bool()
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size(tp))]
     dist.all_gather(parts, t.contiguous(), group=tp)
     return torch.cat(parts, dim=dim)

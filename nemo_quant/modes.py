@@ -34,6 +34,8 @@ class Mode:
     # What the mode does with calibration data right after `apply` (quantize: calibrate the
     # scales; sparsity: choose the masks): (model, forward_loop) -> a report. Not replayed.
     data_step: Callable[[nn.Module, Callable[[nn.Module], None]], Any] | None = None
+    # What a loaded checkpoint must satisfy (e.g. pruned weights are zero): the problem, or None.
+    loaded_problem: Callable[[nn.Module, Any], str | None] = lambda model, cfg: None
 
 
 _MODES: dict[str, Mode] = {}
@@ -127,3 +129,13 @@ def restore_modes(model: nn.Module, state: list[dict]) -> nn.Module:
     for entry in state:
         apply_mode(model, entry["name"], entry["config"])
     return model
+
+
+def loaded_problems(model: nn.Module) -> str | None:
+    """The first rule a just-loaded model breaks (each applied mode's `loaded_problem`) on this rank."""
+    for entry in mode_state(model):
+        mode = get_mode(entry["name"])
+        problem = mode.loaded_problem(model, _to_config(mode, entry["config"]))
+        if problem:
+            return problem
+    return None

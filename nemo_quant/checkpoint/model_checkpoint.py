@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from nemo_quant.checkpoint.atomic import atomic_directory
-from nemo_quant.distributed import barrier
+from nemo_quant.distributed import barrier, gather_messages
 from nemo_quant.models.arch import LlamaArch
-from nemo_quant.modes import mode_state, restore_modes
+from nemo_quant.modes import loaded_problems, mode_state, restore_modes
 from nemo_quant.runtime.distributed_init import is_main_rank
 
 MODES_FILE = "nemo_quant_modes.json"
@@ -64,6 +64,9 @@ def load_into(model: nn.Module, path: str | Path) -> nn.Module:
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise RuntimeError(f"{path}: checkpoint does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    problems = [p for p in gather_messages(loaded_problems(model)) if p]
+    if problems:
+        raise ValueError(f"{path}: {problems[0]}")
     return model
 
 

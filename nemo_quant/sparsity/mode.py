@@ -71,6 +71,21 @@ def _sparsify(model: nn.Module, forward_loop):
     return sparsify(model, forward_loop)
 
 
+def _loaded_problem(model: nn.Module, cfg: SparsityConfig) -> str | None:
+    """A checkpoint's weights must be zero where its masks are (its masks hold the pattern)."""
+    from nemo_quant.sparsity.modules import sparse_layers
+    from nemo_quant.sparsity.patterns import pattern_violations
+
+    for name, module in sparse_layers(model):
+        revived = int((module.weight.detach()[~module.sparse_mask] != 0).sum())
+        if revived:
+            return (f"{name}: {revived} weights are nonzero where its sparsity mask is 0 (the checkpoint's weights "
+                    "violate its masks); it was edited or trained outside nemo_quant: re-run sparsify on it.")
+        if pattern_violations(module.sparse_mask, cfg.n, cfg.m) and bool((~module.sparse_mask).any()):
+            return f"{name}: its sparsity mask breaks the {cfg.n}:{cfg.m} pattern the checkpoint's modes declare."
+    return None
+
+
 SPARSITY = register_mode(Mode(
     name="sparsity",
     config_class=SparsityConfig,
@@ -79,4 +94,5 @@ SPARSITY = register_mode(Mode(
     validate=validate_sparsity_config,
     check=_check,
     data_step=_sparsify,
+    loaded_problem=_loaded_problem,
 ))

@@ -76,7 +76,10 @@ def plan_sparsity(model: nn.Module, cfg: SparsityConfig) -> SparsityPlan:
 
 
 def _check_layer(model: nn.Module, name: str, module: nn.Module, axis: int, cfg: SparsityConfig) -> None:
-    n, m = cfg.n, cfg.m
+    m = cfg.m
+    if name == "output_layer" and (getattr(model, "share_embeddings_and_output_weights", False) or module.weight is None):
+        raise ConfigError("sparsity would prune output_layer, whose weight is the (tied) embedding table: keep "
+                          "'output_layer' in sparsity.exclude.")
     full_in = module.input_size
     if full_in % m:
         raise ConfigError(f"sparsity.m={m} does not divide the input dim {full_in} of {name}; choose an m that "
@@ -86,9 +89,6 @@ def _check_layer(model: nn.Module, name: str, module: nn.Module, axis: int, cfg:
         raise ConfigError(f"{name}: at this TP each rank holds {local_in} of its {full_in} input columns, which "
                           f"splits a group of sparsity.m={m} across ranks; choose a parallel.tp that keeps "
                           f"{full_in} / TP a multiple of {m}.")
-    if name == "output_layer" and getattr(model, "share_embeddings_and_output_weights", False):
-        raise ConfigError("sparsity would prune output_layer, whose weight is the (tied) embedding table: keep "
-                          "'output_layer' in sparsity.exclude.")
 
 
 def convert_to_sparse(module: nn.Module, name: str, weight_tp_axis: int) -> None:

@@ -25,7 +25,7 @@ from nemo_quant.quantization.algorithms.linear_view import LinearView
 from nemo_quant.quantization.algorithms.observe import Needs, observing
 from nemo_quant.quantization.forward_loop import CalibrationError, run_forward_loop_everywhere
 from nemo_quant.runtime.distributed_init import is_main_rank
-from nemo_quant.runtime.layer_replay import record_layer_inputs, replay
+from nemo_quant.runtime.layer_replay import record_stage_inputs, replay
 from nemo_quant.sparsity import solvers
 from nemo_quant.sparsity.config import SparsityConfig, SparsityMethod
 from nemo_quant.sparsity.modules import sparse_layers
@@ -114,13 +114,15 @@ def _sequential(model: nn.Module, forward_loop: ForwardLoop, cfg: SparsityConfig
                    unit="layer")
     stage, stages = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
     for s in range(stages):  # stage s records its inputs after stages < s are pruned
-        calls = record_layer_inputs(model, decoder_layers[0], forward_loop) if decoder_layers else []
+        calls = record_stage_inputs(model, forward_loop, skip_layers=stage >= s) if decoder_layers else []
         if stage != s:
             continue
-        for layer, linears in zip(decoder_layers, by_layer):
+        for i, (layer, linears) in enumerate(zip(decoder_layers, by_layer)):
             if linears:
                 _observe_and_solve(model, linears, lambda: replay(model, layer, calls), cfg, report, bar)
-            calls = replay(model, layer, calls)
+            if i + 1 < len(decoder_layers):
+                calls = replay(model, layer, calls)
+        calls = []
     if max_over_world(len(outside)):
         _observe_and_solve(model, outside, lambda: run_forward_loop_everywhere(model, forward_loop), cfg, report, bar)
     bar.close()

@@ -83,7 +83,9 @@ def _process_layer(model: nn.Module, name: str, module: nn.Module, obs: LinearOb
         if amax is None:
             amax = view.weight_amax(view.weight)
         quantize = column_quantizer(QFormat(view.wspec.format))
-        view.write_weight(gptq_quantize(view.weight, obs.hessian, view.amax_per_column(amax), quantize, cfg.gptq, scale))
+        keep = view.full_mask()  # a sparse layer's pruned weights stay 0 (joint SparseGPT + GPTQ)
+        view.write_weight(gptq_quantize(view.weight, obs.hessian, view.amax_per_column(amax), quantize, cfg.gptq, scale,
+                                        keep))
     if amax is not None:
         module.weight_quantizer.set_amax(view.local_weight_amax(amax))
         done.add(id(module.weight_quantizer))

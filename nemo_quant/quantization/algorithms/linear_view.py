@@ -34,6 +34,13 @@ class LinearView:
         self.wspec: QuantizerSpec | None = wq.spec if wq is not None else None
         self.ispec: QuantizerSpec | None = iq.spec if iq is not None else None
 
+    def full_mask(self) -> torch.Tensor | None:
+        """A sparse layer's mask in the weight's full TP=1 layout (None for dense layers)."""
+        mask = getattr(self.module, "sparse_mask", None)
+        if mask is None:
+            return None
+        return gather_input_dim(self.module, mask) if self.row_parallel else gather_output_dim(self.module, mask)
+
     # -- the weight quantizer on the view ----------------------------------------------
     def weight_block(self) -> int:
         return weight_block_size(self.module)
