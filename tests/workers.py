@@ -326,3 +326,75 @@ def layout_export_digests(model_path: str, tp: int, pp: int, threads: int, prese
             digests[name] = {"files": files, "plan": plan, "seconds": time.perf_counter() - start}
             shutil.rmtree(out)
     return digests
+
+
+def sparse_layout(model_path: str, tp: int, pp: int, sparsity_cfg: dict, calib: torch.Tensor,
+                  save_dir: str | None = None, export_dir: str | None = None):
+    """One-shot sparsity at TP x PP (x DP): every sparse layer's (weight, mask) in TP=1's layout,
+    named globally, and the SHA-256 of each file of an HF export (rank 0) when asked."""
+    from nemo_quant.models.loading import load_model
+    from nemo_quant.modes import apply_modes
+    from nemo_quant.quantization.forward_loop import windows_forward_loop
+    from nemo_quant.runtime.distributed_init import ParallelLayout, init_megatron
+    from nemo_quant.sparsity import sparsify
+
+    init_megatron(ParallelLayout(tp, pp), timeout_s=120)
+    loaded = load_model(model_path)
+    apply_modes(loaded.model, [("sparsity", sparsity_cfg)])
+    sparsify(loaded.model, windows_forward_loop(calib))
+    if save_dir is not None:
+        from nemo_quant.checkpoint.model_checkpoint import save_model
+
+        save_model(loaded.model, loaded.source.arch, save_dir)
+    digests = None
+    if export_dir is not None:
+        digests = _hf_export_digests(loaded, export_dir)
+    return _sparse_state(loaded.model), digests
+
+
+def _hf_export_digests(loaded, export_dir: str):
+    import hashlib
+    from pathlib import Path
+
+    from nemo_quant.export.writer import export_checkpoint
+    from nemo_quant.runtime.distributed_init import is_main_rank
+
+    export_checkpoint(loaded.model, loaded.source.arch, {"format": "hf", "path": export_dir}, loaded.tokenizer)
+    if not is_main_rank():
+        return None
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(export_dir).iterdir())}
+
+
+def _sparse_state(model):
+    from nemo_quant.quantization.algorithms.linear_view import LinearView
+    from nemo_quant.quantization.modules import global_name
+    from nemo_quant.sparsity.modules import sparse_layers
+
+    state = {}
+    for local, module in sparse_layers(model):
+        view = LinearView(local, module)
+        state[global_name(model, local)] = (view.weight.clone(), view.full_mask().clone())
+    return state
+
+
+def restored_sparse_state(checkpoint: str, tp: int, pp: int = 1):
+    """A sparse checkpoint loaded at TP x PP: (weight, mask) per layer in TP=1's layout."""
+    from nemo_quant.checkpoint.model_checkpoint import load_model_checkpoint
+    from nemo_quant.runtime.distributed_init import ParallelLayout, init_megatron
+
+    init_megatron(ParallelLayout(tp, pp), timeout_s=120)
+    return _sparse_state(load_model_checkpoint(checkpoint))
+
+
+def sparsity_preflight_message(model_path: str, tp: int, sparsity_cfg: dict) -> str | None:
+    from nemo_quant.models.loading import load_model
+    from nemo_quant.preflight import PreflightError, preflight
+    from nemo_quant.runtime.distributed_init import ParallelLayout, init_megatron
+
+    init_megatron(ParallelLayout(tp, 1), timeout_s=120)
+    loaded = load_model(model_path)
+    try:
+        preflight(loaded.model, loaded.source.arch, [("sparsity", sparsity_cfg)])
+    except PreflightError as e:
+        return str(e)
+    return None

@@ -93,7 +93,10 @@ class LinearObserver:
         self.block_size = weight_block_size(module) if needs.block_hessian else n
         bs = self.block_size
         self.block_hessian = torch.zeros(num_blocks(n, bs), bs, bs) if needs.block_hessian else None
-        self.hessian = torch.zeros(n, n) if needs.hessian else None
+        # float64 sum of each batch's float32 X^T X: every batch's product is computed exactly as
+        # at TP=1, and float64 adds float32 values exactly unless they span more than ~2^29 in
+        # magnitude, so the sum and its DP all-reduce do not depend on which rank saw which batch.
+        self.hessian = torch.zeros(n, n, dtype=torch.float64) if needs.hessian else None
 
     def __call__(self, x: torch.Tensor) -> None:
         with torch.no_grad():
@@ -108,7 +111,7 @@ class LinearObserver:
                 xb = to_blocks(rows, self.block_size).transpose(0, 1)  # [blocks, tokens, bs]
                 self.block_hessian += xb.transpose(1, 2) @ xb
             if self.hessian is not None:
-                self.hessian += rows.T @ rows
+                self.hessian += (rows.T @ rows).double()
 
     def merge_data_parallel(self) -> None:
         dp_all_reduce(self.absmax, "max")

@@ -1,0 +1,56 @@
+"""Sparsity at TP=2, PP=2 and DP=2 decides exactly what TP=1 decides (masks and reconstructed
+weights), exports the same bytes, reshards through a dist checkpoint, and refuses a TP layout
+that would split a group of m."""
+import pytest
+import torch
+
+from nemo_quant.runtime.spawn import run_distributed
+from tests import workers
+from tests.quant_helpers import tokens
+
+pytestmark = pytest.mark.distributed
+CALIB = tokens(10, 4, 16)
+METHODS = {"sparsegpt": {"method": "sparsegpt"}, "admm": {"method": "admm", "admm": {"iterations": 8}}}
+
+
+@pytest.fixture(scope="module", params=sorted(METHODS))
+def tp1(request, tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp1") / "hf"
+    state, digests = run_distributed(workers.sparse_layout, 1, str(tiny_dir / "hf"), 1, 1, METHODS[request.param],
+                                     CALIB, None, str(out))[0]
+    return request.param, state, digests
+
+
+@pytest.mark.parametrize("tp,pp,world", [(2, 1, 2), (1, 2, 2), (1, 1, 2)], ids=["tp2", "pp2", "dp2"])
+def test_layouts_prune_like_tp1(tiny_dir, tmp_path, tp1, tp, pp, world):
+    method, ref_state, ref_digests = tp1
+    outs = run_distributed(workers.sparse_layout, world, str(tiny_dir / "hf"), tp, pp, METHODS[method], CALIB, None,
+                           str(tmp_path / "hf"))
+    merged = {}
+    for state, _ in outs:
+        merged.update(state)
+    assert set(merged) == set(ref_state) and len(ref_state) == 16
+    for name, (weight, mask) in merged.items():
+        ref_weight, ref_mask = ref_state[name]
+        # TP and PP run TP=1's computation; DP's Hessian sum is exact (float64), whatever rank saw a batch.
+        assert torch.equal(mask, ref_mask), name
+        assert torch.equal(weight, ref_weight), name
+    assert outs[0][1] == ref_digests  # byte-identical HF exports
+
+
+def test_masks_survive_a_tp2_to_tp1_reshard(tiny_dir, tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    saved = run_distributed(workers.sparse_layout, 2, str(tiny_dir / "hf"), 2, 1, {"method": "sparsegpt"}, CALIB, ckpt)
+    restored, = run_distributed(workers.restored_sparse_state, 1, ckpt, 1)
+    for name, (weight, mask) in saved[0][0].items():
+        assert torch.equal(restored[name][1], mask), name
+        assert torch.equal(restored[name][0], weight), name
+        assert (restored[name][0][~mask] == 0).all()
+
+
+def test_tp_split_of_a_group_is_refused_before_work(tiny_dir):
+    # fc2 has 96 inputs: at TP=2 each rank holds 48, which splits groups of m=32.
+    messages = run_distributed(workers.sparsity_preflight_message, 2, str(tiny_dir / "hf"), 2,
+                               {"n": 16, "m": 32, "block_size": 128})
+    assert messages[0] == messages[1]
+    assert "splits a group of sparsity.m=32" in messages[0] and "parallel.tp" in messages[0]
