@@ -78,6 +78,8 @@ class TrainConfig:
 
     steps: int = 100
     lr: float = 1e-5
+    warmup_steps: int = 0  # linear warm-up of the lr (BENCHMARKS.md's protocol: 10)
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # the protocol: [0.9, 0.95]
     weight_decay: float = 0.0
     micro_batch_size: int = 1
     seq_length: int = 512

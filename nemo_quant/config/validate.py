@@ -66,6 +66,11 @@ def _validate_command(cfg: DictConfig) -> None:
             _positive(cfg, f"train.{key}")
         if cfg.train.lr <= 0:
             raise ConfigError(f"train.lr={cfg.train.lr}: must be positive.")
+        if cfg.train.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps={cfg.train.warmup_steps}: must be >= 0.")
+        betas = list(cfg.train.adam_betas)
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ConfigError(f"train.adam_betas={betas}: give two values in [0, 1), e.g. [0.9, 0.95].")
 
 
 

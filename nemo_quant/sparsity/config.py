@@ -15,10 +15,10 @@ class SparsityMethod(str, Enum):
 class AdmmConfig:
     """ADMM support search + refit (sparsity.admm), ALPS-style."""
 
-    iterations: int = 20  # ADMM steps; 0 = keep SparseGPT's support and only refit
+    iterations: int = 10  # ADMM steps; 0 = keep SparseGPT's support and only refit
     rho_start: float = 0.03  # penalty, relative to the mean diagonal of the damped Hessian
-    rho_growth: float = 1.3  # penalty multiplier per step (a geometric schedule)
-    refit_iterations: int = 25  # preconditioned conjugate-gradient steps on the fixed support
+    rho_growth: float = 1.6  # penalty multiplier per step (a geometric schedule)
+    refit_iterations: int = 15  # preconditioned conjugate-gradient steps on the fixed support
 
 
 @dataclass

@@ -117,10 +117,11 @@ def _sequential(model: nn.Module, forward_loop: ForwardLoop, cfg: SparsityConfig
         calls = record_stage_inputs(model, forward_loop, skip_layers=stage >= s) if decoder_layers else []
         if stage != s:
             continue
-        for i, (layer, linears) in enumerate(zip(decoder_layers, by_layer)):
+        last = max((i for i, linears in enumerate(by_layer) if linears), default=-1)
+        for i, (layer, linears) in enumerate(zip(decoder_layers[:last + 1], by_layer)):
             if linears:
                 _observe_and_solve(model, linears, lambda: replay(model, layer, calls), cfg, report, bar)
-            if i + 1 < len(decoder_layers):
+            if i < last:  # later stages record their own inputs through the real forward
                 calls = replay(model, layer, calls)
         calls = []
     if max_over_world(len(outside)):

@@ -42,9 +42,18 @@ def latest_checkpoint(save_dir: str | Path) -> Path | None:
     return candidate if (candidate / TRAINER_STATE).is_file() else None
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float,
+                   betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, step: int, warmup_steps: int) -> None:
+    """Linear warm-up to each group's base lr over `warmup_steps`, constant after; a function
+    of the step alone, so a resumed run continues the schedule exactly."""
+    for group in optimizer.param_groups:
+        base = group.setdefault("base_lr", group["lr"])
+        group["lr"] = base * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else base
 
 
 def resume(model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint: Path) -> TrainState:
@@ -125,7 +134,7 @@ def forward_backward(model: nn.Module, batch: torch.Tensor, micro_batch_size: in
 
 def train(model: nn.Module, arch: LlamaArch, optimizer: torch.optim.Optimizer, windows: torch.Tensor,
           state: TrainState, steps: int, micro_batch_size: int, save_dir: Path, save_every: int,
-          log_every: int = 10) -> TrainState:
+          log_every: int = 10, warmup_steps: int = 0) -> TrainState:
     """Train until `state.step == steps`; micro-batches cycle through `windows` (DP-sharded)."""
     from megatron.core import parallel_state as ps
 
@@ -139,6 +148,7 @@ def train(model: nn.Module, arch: LlamaArch, optimizer: torch.optim.Optimizer, w
         i = state.step % batches_per_epoch
         batch = windows[i * per_step:(i + 1) * per_step][dp_rank::dp]
         optimizer.zero_grad(set_to_none=True)
+        _set_lr(optimizer, state.step, warmup_steps)
         loss = forward_backward(model, batch, micro_batch_size)
         _sync_grads(model)
         optimizer.step()

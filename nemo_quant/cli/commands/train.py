@@ -28,7 +28,7 @@ def run_train(cfg: DictConfig) -> None:
         previous = latest_checkpoint(save_dir) if cfg.train.resume else None
         if previous is not None:
             loaded = load_model(cfg.model.path, cfg.model.dtype.value, cfg.model.tokenizer, with_weights=False)
-            optimizer = make_optimizer(loaded.model, cfg.train.lr, cfg.train.weight_decay)
+            optimizer = make_optimizer(loaded.model, cfg.train.lr, cfg.train.weight_decay, cfg.train.adam_betas)
             state = resume(loaded.model, optimizer, previous)
             preflight(loaded.model, loaded.source.arch, [], cfg.export)
             origin = f"resumed from {previous} (step {state.step})"
@@ -40,11 +40,12 @@ def run_train(cfg: DictConfig) -> None:
             if modes:
                 apply_with_data(cfg, loaded.model, modes, calibration_windows(cfg.data, loaded.tokenizer))
                 origin += "".join(f" + {c.name} applied" for _, c in modes)
-            optimizer = make_optimizer(loaded.model, cfg.train.lr, cfg.train.weight_decay)
+            optimizer = make_optimizer(loaded.model, cfg.train.lr, cfg.train.weight_decay, cfg.train.adam_betas)
             state = TrainState()
         windows = training_windows(cfg.data, cfg.train, loaded.tokenizer)
         state = train(loaded.model, loaded.source.arch, optimizer, windows, state, cfg.train.steps,
-                      cfg.train.micro_batch_size, save_dir, cfg.train.save_every, cfg.train.log_every)
+                      cfg.train.micro_batch_size, save_dir, cfg.train.save_every, cfg.train.log_every,
+                      cfg.train.warmup_steps)
         first, last = state.losses[0], state.losses[-1]
         report({"start": origin, "modes": ", ".join(m["name"] for m in mode_state(loaded.model)) or "none",
                 "steps": state.step, "loss first -> last": f"{first:.4f} -> {last:.4f}", "checkpoint": str(save_dir)})
