@@ -8,7 +8,7 @@ CORPUS := $(VENV)/.corpus-done
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup demo test test-fast bench bench-kernels bench-modelopt modelopt-venv clean
+.PHONY: setup demo test test-fast bench bench-kernels bench-modelopt bench-sparsity modelopt-venv clean
 
 setup: $(STAMP) $(CORPUS)
 
@@ -60,6 +60,10 @@ bench-modelopt: setup modelopt-venv
 	$(MO_VENV)/bin/python benchmarks/modelopt_export.py \
 	  --gguf "$$($(BIN)/python -c 'from nemo_quant.models.loading import default_model_path as p; print(p())')"
 	$(BIN)/python benchmarks/export_throughput.py   # also writes export_side_by_side.md
+
+# 2:4 sparsity, ours and ModelOpt's, then the 200-step mask-kept fine-tune (about an hour on 2 cores).
+bench-sparsity: setup modelopt-venv
+	$(BIN)/python benchmarks/sparsity.py --modelopt $(MO_VENV)/bin/python $(BENCH_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest tests -q $(PYTEST_ARGS)

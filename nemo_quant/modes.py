@@ -39,6 +39,7 @@ class Mode:
 
 
 _MODES: dict[str, Mode] = {}
+CANONICAL_ORDER = "prune -> sparsity -> quantize | qlora -> speculative heads"
 # Built-in modes, imported on first use: each registers itself; none imports another's internals.
 _BUILTIN_MODES = ("nemo_quant.quantization.mode", "nemo_quant.sparsity.mode")
 
@@ -81,7 +82,8 @@ def _check_order(name: str, mode: Mode, applied: list[str]) -> None:
         if earlier not in mode.may_follow:
             raise ModeError(
                 f"mode {name!r} cannot be applied after {earlier!r} (allowed before it: "
-                f"{', '.join(sorted(mode.may_follow)) or 'nothing'}); change the order of the modes."
+                f"{', '.join(sorted(mode.may_follow)) or 'nothing'}); change the order of the modes "
+                f"(canonical order: {CANONICAL_ORDER})."
             )
 
 

@@ -398,3 +398,26 @@ def sparsity_preflight_message(model_path: str, tp: int, sparsity_cfg: dict) -> 
     except PreflightError as e:
         return str(e)
     return None
+
+
+def revived_weights_reload_message(model_path: str, ckpt: str) -> str:
+    """Save a sparse model whose pruned weights were changed behind the mask, then load it."""
+    from nemo_quant.checkpoint.model_checkpoint import load_model_checkpoint, save_model
+    from nemo_quant.models.loading import load_model
+    from nemo_quant.modes import apply_modes
+    from nemo_quant.runtime.distributed_init import ParallelLayout, init_megatron
+    from nemo_quant.sparsity import sparsify
+
+    init_megatron(ParallelLayout(1, 1), timeout_s=120)
+    loaded = load_model(model_path)
+    apply_modes(loaded.model, [("sparsity", {"method": "magnitude"})])
+    sparsify(loaded.model)
+    layer = loaded.model.decoder.layers[2].self_attention.linear_proj
+    with torch.no_grad():
+        layer.weight[~layer.sparse_mask] = 0.5
+    save_model(loaded.model, loaded.source.arch, ckpt)
+    try:
+        load_model_checkpoint(ckpt)
+    except ValueError as e:
+        return str(e)
+    return "loaded"

@@ -54,3 +54,9 @@ def test_tp_split_of_a_group_is_refused_before_work(tiny_dir):
                                {"n": 16, "m": 32, "block_size": 128})
     assert messages[0] == messages[1]
     assert "splits a group of sparsity.m=32" in messages[0] and "parallel.tp" in messages[0]
+
+
+def test_checkpoint_whose_weights_violate_its_masks_is_refused(tiny_dir, tmp_path):
+    message, = run_distributed(workers.revived_weights_reload_message, 1, str(tiny_dir / "hf"), str(tmp_path / "ckpt"))
+    assert "decoder.layers.2.self_attention.linear_proj" in message
+    assert "nonzero where its sparsity mask is 0" in message and "re-run sparsify" in message

@@ -148,6 +148,7 @@ def test_cfg_job_prints_the_composed_config():
     ("ptq", ["quant=int4_awq", "export=hf"]),                      # ragged groups: TINY's 64 inputs, groups of 128
     ("train", ["quant=fp8", "+quant/kv_cache=nvfp4", "export=hf", "train.steps=2"]),  # NVFP4 KV cache: no layout
     ("ptq", ["quant=fp8", "export=trtllm", "export.inference_tp=3"]),  # 3 does not divide 4 heads / 2 groups
+    ("ptq", ["sparsity=admm", "sparsity.exclude=[output_layer,decoder.layers.9.*]"]),  # no layer 9
 ])
 def test_refusals_come_before_any_forward_pass(tiny_dir, text_files, tmp_path, command, extra):
     """The job stops right after the model is built: no baseline, no calibration, nothing written."""
@@ -163,7 +164,7 @@ def test_refusals_come_before_any_forward_pass(tiny_dir, text_files, tmp_path, c
     assert result.returncode != 0
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith(f"nemo-quant {command}: PreflightError: "), result.stderr[-2000:]
-    assert re.search(r"(quant|export)\.\w+", message), message          # names the key
+    assert re.search(r"(quant|export|sparsity)\.\w+", message), message          # names the key
     assert "perplexity" not in result.stdout and "calibrat" not in result.stdout.lower()
     assert not out.exists() and not (tmp_path / "ckpt").exists()
     assert elapsed < 60, f"refused after {elapsed:.0f} s"
@@ -182,3 +183,33 @@ def test_ptq_reuses_a_cached_baseline_and_says_so(tiny_dir, text_files, tmp_path
     assert "cached" not in runs[0].stdout and "(cached" in runs[1].stdout and "cached" not in runs[2].stdout
     # evaluated (a progress line for "perplexity" twice: baseline and quantized) vs cached (once)
     assert runs[0].stderr.count("perplexity: 3/3") == 2 and runs[1].stderr.count("perplexity: 3/3") == 1
+
+
+def test_sparse_ptq_then_masked_fine_tune_then_export(tiny_dir, text_files, tmp_path):
+    """`ptq sparsity=... quant=...` prunes then quantizes; `train sparsity=...` prunes and fine-tunes
+    with the masks kept, resumes, and exports a checkpoint the validator accepts as 2:4."""
+    base = [f"model.path={tiny_dir / 'tiny.gguf'}", "model.name=tiny", "data=files",
+            f"data.eval_files=[{text_files / 'eval.txt'}]", f"data.calib_files=[{text_files / 'calib.jsonl'}]",
+            "data.seq_length=16", "data.eval_samples=2", "data.calib_samples=4"]
+    cli = [sys.executable, "-m", "nemo_quant.cli.main"]
+    ptq = _run([*cli, "ptq", *base, "sparsity=sparsegpt", "quant=fp8", "export=hf", f"export.path={tmp_path / 'ptq_hf'}",
+                f"hydra.run.dir={tmp_path / 'r1'}"])
+    assert ptq.returncode == 0, ptq.stderr[-3000:]
+    assert "| tiny  | sparsegpt + fp8 |" in ptq.stdout, ptq.stdout
+    results = json.loads((tmp_path / "r1" / "results.json").read_text())
+    assert results["sparsify_s"] > 0 and results["export_quant_algo"] == "FP8"
+
+    train_args = [*cli, "train", *base, "sparsity=admm", "sparsity.admm.iterations=4", f"checkpoint.save={tmp_path / 'ft'}",
+                  "train.steps=4", "train.save_every=2", "train.seq_length=16", "train.lr=1e-3", "train.warmup_steps=2",
+                  "export=both", f"export.path={tmp_path / 'ft_out'}", "export.overwrite=true"]
+    train = _run([*train_args, f"hydra.run.dir={tmp_path / 'r2'}"])
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert "admm applied" in train.stdout
+    resumed = _run([*train_args, "train.steps=6", f"hydra.run.dir={tmp_path / 'r3'}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "(step 4)" in resumed.stdout
+    checked = _run([*cli, "validate", str(tmp_path / "ptq_hf"), str(tmp_path / "ft_out" / "hf"),
+                    str(tmp_path / "ft_out" / "trtllm")])
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    config = json.loads((tmp_path / "ft_out" / "hf" / "config.json").read_text())
+    assert config["sparsity_config"]["sparsity_structure"] == "2:4"

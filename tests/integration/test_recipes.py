@@ -1,0 +1,26 @@
+"""Recipes run end to end as users run them (on the tiny model and a few steps)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.distributed
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def test_sparse_finetune_fp8_recipe(tiny_dir, tmp_path):
+    (tmp_path / "text.txt").write_text("It is a truth universally acknowledged, that a single man in possession. " * 40)
+    data = [f"data.eval_files=[{tmp_path / 'text.txt'}]", f"data.calib_files=[{tmp_path / 'text.txt'}]",
+            "data=files", "data.seq_length=16", "data.eval_samples=2", "data.calib_samples=4", "train.seq_length=16",
+            "model.name=tiny", f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(tmp_path / "out"), "STEPS": "3",
+           "MODEL": str(tiny_dir / "tiny.gguf"), "NQ": f"{sys.executable} -m nemo_quant.cli.main"}
+    result = subprocess.run(["bash", str(RECIPES / "sparse_finetune_fp8.sh"), *data], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    config = json.loads((tmp_path / "out" / "deploy" / "hf" / "config.json").read_text())
+    assert config["quantization_config"]["quant_algo"] == "FP8"
+    assert config["sparsity_config"]["sparsity_structure"] == "2:4"
