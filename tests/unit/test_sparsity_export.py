@@ -55,13 +55,14 @@ def _break_one_group(path, name):
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "w4a8_awq"])
-def test_validator_rejects_a_broken_pattern(tiny_model, tmp_path, fmt):
+@pytest.mark.parametrize("fmt,groups", [("bf16", 1), ("w4a8_awq", 2)])  # INT4: a byte packs rows 2j and 2j+1
+def test_validator_rejects_a_broken_pattern(tiny_model, tmp_path, fmt, groups):
     out = _export(tiny_model, tmp_path, FORMATS[fmt])
     hf_file = next((out / "hf").glob("*.safetensors"))
     _break_one_group(hf_file, "model.layers.1.mlp.up_proj.weight")
     report = validate_checkpoint(out / "hf")
-    assert any("model.layers.1.mlp.up_proj.weight breaks its 2:4 pattern in 1 of" in e for e in report.errors), report.errors
+    assert any(f"model.layers.1.mlp.up_proj.weight breaks its 2:4 pattern in {groups} of" in e for e in report.errors), \
+        report.errors
     _break_one_group(out / "trtllm" / "rank1.safetensors", "transformer.layers.2.mlp.proj.weight")
     report = validate_checkpoint(out / "trtllm")
     assert any("TP rank 1" in e and "transformer.layers.2.mlp.proj.weight breaks its 2:4" in e for e in report.errors)
