@@ -10,7 +10,7 @@ from nemo_quant.config.validate import ConfigError
 from nemo_quant.modes import Mode, register_mode
 from nemo_quant.runtime.distributed_init import is_main_rank
 from nemo_quant.sparsity.config import SparsityConfig, SparsityMethod
-from nemo_quant.sparsity.modules import _tp_axes, convert_to_sparse, megatron_type, plan_sparsity
+from nemo_quant.sparsity.modules import tp_axes, convert_to_sparse, megatron_type, plan_sparsity
 
 
 def validate_sparsity_config(cfg: SparsityConfig) -> None:
@@ -55,7 +55,7 @@ def _check(model: nn.Module, cfg: SparsityConfig) -> None:
 
 
 def _apply(model: nn.Module, cfg: SparsityConfig) -> int:
-    axes = _tp_axes()
+    axes = tp_axes()
     plan = plan_sparsity(model, cfg)
     for name, module in plan.layers:
         convert_to_sparse(module, name, axes[megatron_type(module)])

@@ -38,7 +38,7 @@ class SparseLinearMixin(GemmOperandsMixin):
             self.weight.mul_(self.sparse_mask.to(self.weight.dtype))
 
 
-def _tp_axes() -> dict[type, int]:
+def tp_axes() -> dict[type, int]:
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
     return {ColumnParallelLinear: 0, RowParallelLinear: 1}
@@ -59,7 +59,7 @@ class SparsityPlan:
 def plan_sparsity(model: nn.Module, cfg: SparsityConfig) -> SparsityPlan:
     """The decoder/output linear layers the mode prunes, with the shape checks that refuse a
     layer (run by the preflight before any work)."""
-    axes = _tp_axes()
+    axes = tp_axes()
     plan = SparsityPlan(exclude_hits=[0] * len(cfg.exclude))
     for local_name, module in model.named_modules():
         if megatron_type(module) not in axes or isinstance(module, SparseLinearMixin):
