@@ -37,7 +37,7 @@ class Needs:
         if self.block_hessian:
             total += in_features * min(in_features, 128) * 4
         if self.hessian:
-            total += in_features ** 2 * 4
+            total += in_features ** 2 * 8  # float64 sum
         return total
 
 
