@@ -67,6 +67,7 @@ def _baseline(cfg: DictConfig, loaded, evals) -> float:
 def run_ptq(cfg: DictConfig) -> None:
     from nemo_quant.data.datasets import calibration_windows, evaluation_windows
     from nemo_quant.eval.perplexity import perplexity
+    from nemo_quant.modes import mode_config
     from nemo_quant.preflight import preflight
 
     with megatron_session(cfg):
@@ -85,7 +86,7 @@ def run_ptq(cfg: DictConfig) -> None:
         after = perplexity(loaded.model, evals, loaded.vocab_size, cfg.data.batch_size).perplexity
         rss_gib = psutil.Process().memory_info().rss / 2**30
         delta = 100.0 * (after - before) / before
-        label = " + ".join(c.name for _, c in modes)
+        label = " + ".join(mode_config(loaded.model, name).name for name, _ in modes)  # auto: the plan's name
         print_table([
             {"model": cfg.model.name, "format": "baseline", "perplexity": f"{before:.3f}", "delta %": "", "calib s": ""},
             {"model": cfg.model.name, "format": label, "perplexity": f"{after:.3f}",
