@@ -90,7 +90,9 @@ def check_kv_spec(spec, where: str) -> None:
 
 def check_masked_zeros(weight: torch.Tensor, mask: torch.Tensor, where: str) -> None:
     """Pruned weights must be exactly zero: the deployed model has no mask, only the zeros."""
-    bad = int((weight[~mask] != 0).sum())
+    from nemo_quant.sparsity.patterns import revived_weights
+
+    bad = revived_weights(weight, mask)
     if bad:
         raise ExportError(f"{where}: {bad} weights are nonzero where its sparsity mask is 0 (the checkpoint's weights "
                           "violate its masks: was it edited, or trained outside nemo_quant?); re-run sparsify or "

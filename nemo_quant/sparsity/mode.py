@@ -74,10 +74,10 @@ def _sparsify(model: nn.Module, forward_loop):
 def _loaded_problem(model: nn.Module, cfg: SparsityConfig) -> str | None:
     """A checkpoint's weights must be zero where its masks are (its masks hold the pattern)."""
     from nemo_quant.sparsity.modules import sparse_layers
-    from nemo_quant.sparsity.patterns import pattern_violations
+    from nemo_quant.sparsity.patterns import pattern_violations, revived_weights
 
     for name, module in sparse_layers(model):
-        revived = int((module.weight.detach()[~module.sparse_mask] != 0).sum())
+        revived = revived_weights(module.weight, module.sparse_mask)
         if revived:
             return (f"{name}: {revived} weights are nonzero where its sparsity mask is 0 (the checkpoint's weights "
                     "violate its masks); it was edited or trained outside nemo_quant: re-run sparsify on it.")

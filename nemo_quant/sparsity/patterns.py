@@ -32,3 +32,8 @@ def pattern_violations(t: torch.Tensor, n: int, m: int) -> int:
 
 def magnitude_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return nm_mask(weight.abs(), n, m)
+
+
+def revived_weights(weight: torch.Tensor, mask: torch.Tensor) -> int:
+    """How many weights are nonzero where `mask` prunes them (0 = the mask holds)."""
+    return int((weight.detach()[~mask] != 0).sum())
