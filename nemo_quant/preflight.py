@@ -81,4 +81,6 @@ def _planned_export_problem(model: nn.Module, arch: LlamaArch, cfg: ExportConfig
                 kv = qcfg.kv_cache
         return specs, kv
 
-    return export_problems(model, arch, cfg, planned_specs, smoothing=Algorithm(qcfg.algorithm) in SMOOTHING)
+    # Folded smoothing scales (quant.search.fold_all_scales) leave no pre-quant scale on any layer.
+    smoothing = Algorithm(qcfg.algorithm) in SMOOTHING and not qcfg.search.fold_all_scales
+    return export_problems(model, arch, cfg, planned_specs, smoothing=smoothing)

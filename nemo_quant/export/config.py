@@ -10,6 +10,8 @@ class ExportTarget(str, Enum):
     hf = "hf"  # unified Hugging Face quantized checkpoint (TensorRT-LLM PyTorch, vLLM, SGLang)
     trtllm = "trtllm"  # config.json + rank{N}.safetensors (TensorRT-LLM <= 1.2 engine builds)
     both = "both"  # <path>/hf and <path>/trtllm
+    # compressed-tensors (llm-compressor's format; vLLM's native int4/int8 loaders): INT4/INT8/FP8
+    compressed_tensors = "compressed_tensors"
 
 
 class ExportDType(str, Enum):

@@ -74,14 +74,14 @@ class HFWriter:
 
     def finish(self, summary: QuantSummary, tokenizer, producer: dict) -> list[Path]:
         files = self.tensors.close()
-        quant = summary.hf_quant_config()
         config = hf_model_config(self.arch, self.dtype, tokenizer)
         sparsity = summary.sparsity_config()
         if sparsity is not None:
             config["sparsity_config"] = sparsity
-        if quant["quant_algo"] is not None or quant.get("kv_cache_quant_algo"):
-            config["quantization_config"] = summary.flat_quantization_config(producer)
-            nested = {"producer": producer, "quantization": quant}
+        flat, nested = self.quantization_blocks(summary, producer)
+        if flat is not None:
+            config["quantization_config"] = flat
+        if nested is not None:
             _write_json(self.directory / "hf_quant_config.json", {**nested, "sparsity": sparsity} if sparsity else nested)
         _write_json(self.directory / "config.json", config)
         _write_json(self.directory / "generation_config.json", {
@@ -91,6 +91,13 @@ class HFWriter:
             tokenizer.save(str(self.directory / "tokenizer.json"))
             _write_json(self.directory / "tokenizer_config.json", _tokenizer_config(tokenizer))
         return files
+
+    def quantization_blocks(self, summary: QuantSummary, producer: dict) -> tuple[dict | None, dict | None]:
+        """(config.json `quantization_config`, hf_quant_config.json content), None where absent."""
+        quant = summary.hf_quant_config()
+        if quant["quant_algo"] is None and not quant.get("kv_cache_quant_algo"):
+            return None, None
+        return summary.flat_quantization_config(producer), {"producer": producer, "quantization": quant}
 
     def abort(self) -> None:
         self.tensors.abort()

@@ -67,8 +67,10 @@ def export_problems(model, arch: LlamaArch, cfg: ExportConfig, specs_of=layer_sp
                     raise ExportError(f"{where}.{name}: export.inference_tp={trt_tp} splits its input dim "
                                       f"{module.input_size} into pieces that are not multiples of the group size {group}.")
                 fused = len(projs) > 1  # smoothing scales of fused layers are folded into the norm before them
-                check_pre_quant_scale(fmt, getattr(module, "pre_quant_scale", None), fused, f"{where}.{name}",
-                                      planned=smoothing and not fused)
+                pqs = getattr(module, "pre_quant_scale", None)
+                check_pre_quant_scale(fmt, pqs, fused, f"{where}.{name}", planned=smoothing and not fused)
+                if cfg.format == ExportTarget.compressed_tensors:
+                    check_compressed_tensors(fmt, group, pqs, fused, smoothing, f"{where}.{name}")
             if kv is not None:
                 check_kv_spec(kv, where)
         head = getattr(model, "output_layer", None)
@@ -78,6 +80,19 @@ def export_problems(model, arch: LlamaArch, cfg: ExportConfig, specs_of=layer_sp
     except ExportError as e:
         return str(e)
     return None
+
+
+def check_compressed_tensors(fmt, group: int, pqs, fused: bool, smoothing: bool, where: str) -> None:
+    """A compressed-tensors layout exists for the format, and no smoothing scale is left on the layer."""
+    from nemo_quant.export.compressed_tensors import ct_scheme
+
+    ct_scheme(fmt, group, where)
+    if fused:
+        return
+    if smoothing or (pqs is not None and not bool((pqs == 1).all())):
+        raise ExportError(f"{where}: export.format=compressed_tensors has no pre-quant scale, but this layer's "
+                          "smoothing scale (SmoothQuant/AWQ) would stay on it; set quant.search.fold_all_scales=true "
+                          "to fold o_proj's scale into v_proj and down_proj's into up_proj, or use export.format=hf.")
 
 
 def preflight(model, arch: LlamaArch, cfg: ExportConfig) -> None:
@@ -159,6 +174,10 @@ def _writers(staging: Path, arch: LlamaArch, dtype: torch.dtype, cfg: ExportConf
     writers = {}
     if cfg.format in (ExportTarget.hf, ExportTarget.both):
         writers["hf"] = HFWriter(staging / "hf" if both else staging, arch, dtype, int(cfg.max_shard_size_gb * 2**30))
+    if cfg.format == ExportTarget.compressed_tensors:
+        from nemo_quant.export.compressed_tensors import CompressedTensorsWriter
+
+        writers["hf"] = CompressedTensorsWriter(staging, arch, dtype, int(cfg.max_shard_size_gb * 2**30))
     if cfg.format in (ExportTarget.trtllm, ExportTarget.both):
         writers["trtllm"] = TRTLLMWriter(staging / "trtllm" if both else staging, arch, dtype, cfg.inference_tp,
                                          cfg.inference_pp, cfg.trtllm_architecture)

@@ -81,6 +81,10 @@ class SearchConfig:
     # Memory budget of the per-layer statistics (Hessians, token samples) in GiB; layers are
     # calibrated in groups that fit, one forward pass per group. 0 = all layers in one pass.
     memory_gib: float = 0.0
+    # Fold o_proj's smoothing scale into v_proj's rows and down_proj's into up_proj's (tied across
+    # the query heads of a KV group), so no layer keeps a pre_quant_scale: what formats without
+    # one need (export.format=compressed_tensors). q/k/v and gate/up fold into the norms anyway.
+    fold_all_scales: bool = False
 
 
 @dataclass

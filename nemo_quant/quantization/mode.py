@@ -33,6 +33,7 @@ def _check(model: nn.Module, cfg: QuantConfig) -> None:
         dist.all_reduce(hits)
     if problem is not None:
         raise ConfigError(problem)
+    _check_fold(model, cfg)
     keys = [f"quant.exclude[{i}]={p!r}" for i, p in enumerate(cfg.exclude)]
     keys += [f"quant.overrides[{i}].pattern={o.pattern!r}" for i, o in enumerate(cfg.overrides)]
     for i, key in enumerate(keys):
@@ -41,6 +42,19 @@ def _check(model: nn.Module, cfg: QuantConfig) -> None:
                 f"{key} matches no quantizable module; module names look "
                 "like 'decoder.layers.0.self_attention.linear_qkv' or 'output_layer' (fnmatch syntax)."
             )
+
+
+def _check_fold(model: nn.Module, cfg: QuantConfig) -> None:
+    """quant.search.fold_all_scales needs layers whose input is linear in the layer before them."""
+    from nemo_quant.quantization.algorithms.fold import fold_problem
+    from nemo_quant.quantization.config import SMOOTHING, Algorithm
+
+    if not cfg.search.fold_all_scales or Algorithm(cfg.algorithm) not in SMOOTHING:
+        return
+    for name, _ in model.named_modules():
+        problem = fold_problem(model, name)
+        if problem:
+            raise ConfigError(problem)
 
 
 def _apply(model: nn.Module, cfg: QuantConfig) -> ConversionReport:

@@ -14,11 +14,13 @@ import torch
 from torch import nn
 
 from nemo_quant.distributed import max_over_world
-from nemo_quant.quantization.algorithms.awq import awq_clip, awq_scale
+from nemo_quant.quantization.algorithms.awq import awq_candidates, awq_clip
+from nemo_quant.quantization.algorithms.fold import fold_order, fold_problem, fold_target, fold_into_previous, tied_candidates
 from nemo_quant.quantization.algorithms.gptq import column_quantizer, gptq_quantize
 from nemo_quant.quantization.algorithms.linear_view import LinearView, apply_pre_quant_scale
 from nemo_quant.quantization.algorithms.observe import LinearObserver, Needs, bypassed_quantizers, observing
-from nemo_quant.quantization.algorithms.smoothquant import smoothquant_scale
+from nemo_quant.quantization.algorithms.scale_search import best_scale
+from nemo_quant.quantization.algorithms.smoothquant import smoothquant_candidates
 from nemo_quant.quantization.config import SMOOTHING, Algorithm, CalibratorName, Granularity, QFormat, QuantConfig
 from nemo_quant.quantization.forward_loop import CalibrationError, run_forward_loop_everywhere
 from nemo_quant.utils.progress import progress
@@ -45,6 +47,12 @@ def run_algorithm(model: nn.Module, cfg: QuantConfig, forward_loop: Callable[[nn
         if pqs is not None and not bool((pqs == 1).all()):
             raise CalibrationError(f"{name} already holds a pre-quant scale: SmoothQuant/AWQ run once, on a model "
                                    "fresh from apply_modes (restore a calibrated checkpoint instead of recalibrating).")
+    fold = cfg.search.fold_all_scales and algo in SMOOTHING
+    if fold:
+        problems = [p for p in (fold_problem(model, n) for n, _ in layers) if p]
+        if problems:
+            raise CalibrationError(problems[0])
+        layers = fold_order(layers)
     needs = Needs(samples=algo in SMOOTHING, block_hessian=algo in CLIPPING, hessian=cfg.gptq.enabled,
                   token_stride=cfg.search.token_stride)
     groups = _groups_within_budget(layers, needs, cfg.search.memory_gib)
@@ -67,16 +75,23 @@ def _process_layer(model: nn.Module, name: str, module: nn.Module, obs: LinearOb
     algo = Algorithm(cfg.algorithm)
     view = LinearView(name, module)
     scale = torch.ones_like(obs.absmax)
+    target = fold_target(model, name) if cfg.search.fold_all_scales and algo in SMOOTHING else None
+    candidates = []
     if algo == Algorithm.smoothquant:
-        _, scale = smoothquant_scale(view, obs, cfg.search.scale_grid)
+        candidates = smoothquant_candidates(view, obs, cfg.search.scale_grid)
     elif algo in (Algorithm.awq_lite, Algorithm.awq_full):
-        _, scale = awq_scale(view, obs, cfg.search.scale_grid)
+        candidates = awq_candidates(view, obs, cfg.search.scale_grid)
+    if candidates:
+        _, scale = best_scale(view, obs, tied_candidates(target, candidates) if target else candidates)
     done: set[int] = set()
     amax = None
     if algo in CLIPPING:
         amax = awq_clip(view, obs, scale, cfg.search.clip_grid, cfg.search.clip_min)
     if algo in SMOOTHING:
-        apply_pre_quant_scale(model, view, scale)
+        if target is not None:
+            fold_into_previous(view, target, scale)
+        else:
+            apply_pre_quant_scale(model, view, scale)
         view.weight = view.weight / scale
         _set_input_amax_from_statistics(module, obs, scale, done)
     if cfg.gptq.enabled:

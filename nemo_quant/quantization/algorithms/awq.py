@@ -16,7 +16,7 @@ from nemo_quant.numerics.blocks import from_blocks, to_blocks
 from nemo_quant.numerics.fixed_order import fixed_order_sum
 from nemo_quant.quantization.algorithms.linear_view import LinearView
 from nemo_quant.quantization.algorithms.observe import LinearObserver
-from nemo_quant.quantization.algorithms.scale_search import alphas, best_scale
+from nemo_quant.quantization.algorithms.scale_search import alphas
 
 SCALE_RANGE = (1e-4, 1e4)
 
@@ -34,10 +34,6 @@ def awq_candidates(view: LinearView, obs: LinearObserver, grid: int) -> list[tup
         s = s / (s.max() * s.min()).sqrt()
         out.append((alpha, (1.0 / s).clamp(*SCALE_RANGE)))
     return out
-
-
-def awq_scale(view: LinearView, obs: LinearObserver, grid: int):
-    return best_scale(view, obs, awq_candidates(view, obs, grid))
 
 
 def clip_ratios(grid: int, clip_min: float) -> list[float]:

@@ -84,10 +84,7 @@ class LinearView:
 
     def local_rows(self, t: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a full [out, ...] tensor (column parallel; TP=1 row order in)."""
-        if self.row_parallel or self.tp == 1:
-            return t
-        rank = _tp_rank(self.module)
-        return fc1_rows_of_rank(t, rank, self.tp) if self.gated else t.chunk(self.tp, dim=0)[rank]
+        return t if self.row_parallel else local_output_rows(self.module, t)
 
     def local_weight_amax(self, amax: torch.Tensor) -> torch.Tensor:
         """The weight quantizer's buffer on this rank: own rows of per-row / per-block amax of a
@@ -101,6 +98,17 @@ class LinearView:
     def write_weight(self, w: torch.Tensor) -> None:
         with torch.no_grad():
             self.module.weight.copy_(self.local_share(w).to(self.module.weight.dtype))
+
+
+def local_output_rows(module: nn.Module, t: torch.Tensor, gated: bool | None = None) -> torch.Tensor:
+    """This rank's rows of a column-parallel layer's full [out, ...] tensor (TP=1 row order in);
+    `gated`: per-rank [gate_r; up_r] rows (default: what the module was tagged with)."""
+    tp = tp_size_of(module)
+    if tp == 1:
+        return t
+    rank = _tp_rank(module)
+    gated = bool(getattr(module, "_nq_swiglu", False)) if gated is None else gated
+    return fc1_rows_of_rank(t, rank, tp) if gated else t.chunk(tp, dim=0)[rank]
 
 
 def _tp_rank(module: nn.Module) -> int:

@@ -11,7 +11,7 @@ import torch
 
 from nemo_quant.quantization.algorithms.linear_view import LinearView
 from nemo_quant.quantization.algorithms.observe import LinearObserver
-from nemo_quant.quantization.algorithms.scale_search import alphas, best_scale
+from nemo_quant.quantization.algorithms.scale_search import alphas
 
 SCALE_RANGE = (1e-4, 1e4)
 
@@ -24,7 +24,3 @@ def smoothquant_candidates(view: LinearView, obs: LinearObserver, grid: int) -> 
         s = act.pow(alpha) / wmax.pow(1 - alpha)
         out.append((alpha, (1.0 / s).clamp(*SCALE_RANGE)))
     return out
-
-
-def smoothquant_scale(view: LinearView, obs: LinearObserver, grid: int):
-    return best_scale(view, obs, smoothquant_candidates(view, obs, grid))
