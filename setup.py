@@ -38,7 +38,8 @@ setup(
         "lightning": ["lightning>=2.4,<2.5"],
         # transformers: an independent consumer of the unified HF export in the tests.
         # triton: its interpreter runs the GPU kernels' code on CPU in the tests.
-        "test": ["pytest>=8", "lightning>=2.4,<2.5", "transformers>=4.56", "triton>=3.4,<4"],
+        # compressed-tensors: its own decompressor reads our compressed-tensors export in the tests.
+        "test": ["pytest>=8", "lightning>=2.4,<2.5", "transformers>=4.56", "triton>=3.4,<4", "compressed-tensors"],
         # GPU-only; never installed in CI (transformer-engine cannot import without CUDA).
         "te": ["transformer-engine[pytorch]"],
     },
