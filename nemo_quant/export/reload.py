@@ -21,7 +21,8 @@ from nemo_quant.export.formats import (
     FORMAT_OF_ALGO, INT_BITS, ExportError, ExportFormat, QuantizedLinear, dequantize, unpack_e2m1, unpack_int4_rows,
 )
 from nemo_quant.export.hf_layout import SPLITS
-from nemo_quant.export.validate import QuantBlock, Report, hf_quant_block
+from nemo_quant.export.validate import QuantBlock, Report, hf_quant_block, is_compressed_tensors
+from nemo_quant.export.validate_ct import CTConfig, kv_scale_name
 from nemo_quant.models.sources import HFSafetensorsSource
 from nemo_quant.numerics.fp8 import fp8_scale
 from nemo_quant.numerics.integer import int_scale
@@ -55,6 +56,37 @@ def unpack_linear(fmt: ExportFormat, group: int, get: Callable[[str], torch.Tens
                            None if pqs is None else pqs.float())
 
 
+CT_FORMATS = {"W4A16": ExportFormat.w4a16_awq, "W8A16": ExportFormat.w8a16, "W8A8_INT8": ExportFormat.int8_sq,
+              "FP8": ExportFormat.fp8}
+
+
+def ct_format_of(ct: CTConfig, module: str, path: Path) -> tuple[ExportFormat, int]:
+    group = ct.group_of(module)
+    if group is None:
+        return ExportFormat.none, 0
+    algo, size = group.algo
+    if algo is None:
+        raise ExportError(f"{path}: config group {group.name} of {module} is not a scheme the reader supports "
+                          "(W4A16 groups, W8A16 channels, W8A8 INT8 static, FP8 static)")
+    return CT_FORMATS[algo], size
+
+
+def ct_unpack_linear(fmt: ExportFormat, group: int, get: Callable[[str], torch.Tensor | None]) -> QuantizedLinear:
+    """A QuantizedLinear from compressed-tensors tensors (see export/compressed_tensors.py)."""
+    from nemo_quant.export.compressed_tensors import unpack_int32
+
+    if fmt == ExportFormat.none:
+        return QuantizedLinear(fmt, get("weight"))
+    if fmt in (ExportFormat.w4a16_awq, ExportFormat.w8a16):
+        rows, cols = (int(v) for v in get("weight_shape"))
+        codes = unpack_int32(get("weight_packed"), INT_BITS[fmt], cols)
+        scale = get("weight_scale").float()
+        return QuantizedLinear(fmt, codes, group, scale.reshape(rows) if fmt == ExportFormat.w8a16 else scale)
+    scale = get("weight_scale").float()
+    scale = scale.reshape(-1) if fmt == ExportFormat.int8_sq else scale.reshape(())
+    return QuantizedLinear(fmt, get("weight"), 0, scale, None, get("input_scale").float().reshape(()))
+
+
 class HFQuantizedCheckpoint:
     """A unified HF checkpoint (ours or another tool's): architecture, formats, dequantized weights."""
 
@@ -65,11 +97,18 @@ class HFQuantizedCheckpoint:
         self._names = set(self.source.names())
         config = json.loads((self.path / "config.json").read_text())
         report = Report()
-        self.quant: QuantBlock = hf_quant_block(self.path, config, report)
+        self.ct: CTConfig | None = None
+        if is_compressed_tensors(config):
+            self.ct = CTConfig(config["quantization_config"], report.errors)
+            self.quant = QuantBlock({"kv_cache_quant_algo": "FP8" if self.ct.kv else None})
+        else:
+            self.quant: QuantBlock = hf_quant_block(self.path, config, report)
         if report.errors:
             raise ExportError(f"{self.path}: {'; '.join(report.errors)}")
 
     def format_of(self, module: str) -> tuple[ExportFormat, int]:
+        if self.ct is not None:
+            return ct_format_of(self.ct, module, self.path)
         algo, group = self.quant.of(module)
         if algo is None:
             return ExportFormat.none, 0
@@ -79,13 +118,18 @@ class HFQuantizedCheckpoint:
 
     def linear(self, module: str) -> QuantizedLinear:
         get = lambda s: self.source.raw(f"{module}.{s}") if f"{module}.{s}" in self._names else None  # noqa: E731
+        if self.ct is not None:
+            return ct_unpack_linear(*self.format_of(module), get)
         return unpack_linear(*self.format_of(module), get, HF_SUFFIXES)
 
     def kv_scales(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         if not self.quant.kv:
             return None
-        p = f"model.layers.{layer}.self_attn."
-        return tuple(self.source.raw(f"{p}{r}_proj.{r}_scale").float().reshape(()) for r in ("k", "v"))
+        if self.ct is not None:
+            names = [kv_scale_name(self._names, f"model.layers.{layer}.", r) for r in ("k", "v")]
+        else:
+            names = [f"model.layers.{layer}.self_attn.{r}_proj.{r}_scale" for r in ("k", "v")]
+        return tuple(self.source.raw(n).float().reshape(()) for n in names)
 
 
 class DequantizedSource:

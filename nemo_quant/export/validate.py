@@ -214,21 +214,18 @@ def _hf_headers(directory: Path, report: Report) -> dict[str, dict]:
 
 def validate_hf(directory: Path, report: Report) -> None:
     config = json.loads((directory / "config.json").read_text())
-    if not _require(config, ["architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
-                             "num_attention_heads", "vocab_size"], "config.json", report):
+    if is_compressed_tensors(config):
+        from nemo_quant.export.validate_ct import validate_compressed_tensors
+
+        validate_compressed_tensors(directory, config, report)
         return
-    a, quant = _hf_arch(config), hf_quant_block(directory, config, report)
-    dtype = DTYPE_NAMES.get(config.get("torch_dtype") or config.get("dtype"), "BF16")
-    header = _hf_headers(directory, report)
-    report.tensors = len(header)
-    expected = {"model.embed_tokens.weight": ({dtype}, [[a.vocab, a.h]], True),
-                "model.norm.weight": ({dtype}, [[a.h]], True)}
-    if not config.get("tie_word_embeddings", False):
-        expected["lm_head.weight"] = ({dtype}, [[a.vocab, a.h]], True)
+    checked = read_hf_directory(directory, config, report)
+    if checked is None:
+        return
+    a, dtype, header, expected = checked
+    quant = hf_quant_block(directory, config, report)
     for i in range(a.layers):
         p = f"model.layers.{i}."
-        expected[p + "input_layernorm.weight"] = ({dtype}, [[a.h]], True)
-        expected[p + "post_attention_layernorm.weight"] = ({dtype}, [[a.h]], True)
         for proj, dims in HF_PROJS.items():
             out, inp = dims(a)
             algo, group = quant.of(p + proj)
@@ -248,6 +245,31 @@ def validate_hf(directory: Path, report: Report) -> None:
 
         check_declared(config["sparsity_config"], hf_tensor_reader(directory), lambda mod: quant.of(mod)[0],
                        "config.json sparsity_config", report.errors)
+
+
+def is_compressed_tensors(config: dict) -> bool:
+    return (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors"
+
+
+def read_hf_directory(directory: Path, config: dict, report: Report):
+    """What every HF-layout checkpoint shares: (arch, dtype, merged tensor headers, expected
+    embedding / norm / lm_head entries), or None when config.json lacks the keys."""
+    if not _require(config, ["architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
+                             "num_attention_heads", "vocab_size"], "config.json", report):
+        return None
+    a = _hf_arch(config)
+    dtype = DTYPE_NAMES.get(config.get("torch_dtype") or config.get("dtype"), "BF16")
+    header = _hf_headers(directory, report)
+    report.tensors = len(header)
+    expected = {"model.embed_tokens.weight": ({dtype}, [[a.vocab, a.h]], True),
+                "model.norm.weight": ({dtype}, [[a.h]], True)}
+    if not config.get("tie_word_embeddings", False):
+        expected["lm_head.weight"] = ({dtype}, [[a.vocab, a.h]], True)
+    for i in range(a.layers):
+        p = f"model.layers.{i}."
+        expected[p + "input_layernorm.weight"] = ({dtype}, [[a.h]], True)
+        expected[p + "post_attention_layernorm.weight"] = ({dtype}, [[a.h]], True)
+    return a, dtype, header, expected
 
 
 # -- TensorRT-LLM ------------------------------------------------------------------------------
@@ -356,7 +378,7 @@ def validate_checkpoint(directory: str | Path) -> Report:
         report.kind = "trtllm"
         validate_trtllm(directory, report)
     else:
-        report.kind = "hf"
+        report.kind = "compressed-tensors" if is_compressed_tensors(config) else "hf"
         validate_hf(directory, report)
     return report
 
