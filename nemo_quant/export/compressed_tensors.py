@@ -34,7 +34,8 @@ PACKED, INT, FLOAT = "pack-quantized", "int-quantized", "float-quantized"
 def _args(num_bits: int, kind: str, strategy: str, group_size: int | None = None) -> dict:
     """A QuantizationArgs dict (symmetric, static: every scale is in the checkpoint)."""
     return {"num_bits": num_bits, "type": kind, "symmetric": True, "group_size": group_size, "strategy": strategy,
-            "block_structure": None, "dynamic": False, "actorder": None, "observer": "minmax", "observer_kwargs": {}}
+            "block_structure": None, "dynamic": False, "actorder": None, "scale_dtype": None, "zp_dtype": None,
+            "observer": "minmax", "observer_kwargs": {}}
 
 
 def ct_scheme(fmt: ExportFormat, group: int, where: str = "model") -> dict:

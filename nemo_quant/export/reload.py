@@ -126,7 +126,7 @@ class HFQuantizedCheckpoint:
         if not self.quant.kv:
             return None
         if self.ct is not None:
-            names = [kv_scale_name(self._names, f"model.layers.{layer}.", r) for r in ("k", "v")]
+            names = [kv_scale_name(f"model.layers.{layer}.", r) for r in ("k", "v")]
         else:
             names = [f"model.layers.{layer}.self_attn.{r}_proj.{r}_scale" for r in ("k", "v")]
         return tuple(self.source.raw(n).float().reshape(()) for n in names)

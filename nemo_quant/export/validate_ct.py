@@ -109,10 +109,9 @@ def ct_linear_expect(group: CTGroup | None, out: int, inp: int, dtype: str, wher
             "input_scale": (FLOAT_DTYPES, SCALAR, True)}
 
 
-def kv_scale_name(header, prefix: str, role: str) -> str:
-    """vLLM reads `self_attn.{k,v}_scale` or llm-compressor's older `{k,v}_proj.output_scale`."""
-    names = (f"{prefix}self_attn.{role}_scale", f"{prefix}self_attn.{role}_proj.output_scale")
-    return next((n for n in names if n in header), names[0])
+def kv_scale_name(prefix: str, role: str) -> str:
+    """vLLM maps `self_attn.{k,v}_scale` onto its attention (not llm-compressor's old `k_proj.output_scale`)."""
+    return f"{prefix}self_attn.{role}_scale"
 
 
 def validate_compressed_tensors(directory: Path, config: dict, report: Report) -> None:
@@ -134,5 +133,5 @@ def validate_compressed_tensors(directory: Path, config: dict, report: Report) -
                 report.errors.append(f"{p}{'/'.join(fused)}: vLLM fuses these and needs one scheme for all of them")
         if ct.kv is not None:
             for role in ("k", "v"):
-                expected[kv_scale_name(header, p, role)] = (FLOAT_DTYPES, SCALAR, True)
+                expected[kv_scale_name(p, role)] = (FLOAT_DTYPES, SCALAR, True)
     _compare(expected, header, "model", report)

@@ -12,7 +12,7 @@ import torch
 from nemo_quant.checkpoint.atomic import atomic_directory
 from nemo_quant.distributed import any_rank, gather_messages
 from nemo_quant.export.config import ExportConfig, ExportTarget, as_export_config
-from nemo_quant.export.formats import ExportError
+from nemo_quant.export.formats import ExportError, ExportFormat
 from nemo_quant.export.gather import layer_specs, stream_model
 from nemo_quant.export.hf import HFWriter
 from nemo_quant.export.hf_layout import SPLITS, check_kv_spec, check_pre_quant_scale, convert_layer, linear_format
@@ -86,7 +86,8 @@ def check_compressed_tensors(fmt, group: int, pqs, fused: bool, smoothing: bool,
     """A compressed-tensors layout exists for the format, and no smoothing scale is left on the layer."""
     from nemo_quant.export.compressed_tensors import ct_scheme
 
-    ct_scheme(fmt, group, where)
+    if fmt != ExportFormat.none:
+        ct_scheme(fmt, group, where)
     if fused:
         return
     if smoothing or (pqs is not None and not bool((pqs == 1).all())):
