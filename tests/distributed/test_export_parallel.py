@@ -36,6 +36,31 @@ def test_sharded_exports_equal_tp1_byte_for_byte(tiny_dir, tmp_path, preset):
             assert got[name] == reference[name], f"{name} differs at TP={tp} PP={pp} world={world}"
 
 
+# AWQ with folded smoothing scales (V rows of a KV group shared by 2 query heads, up rows of the
+# per-rank [gate; up] fc1), INT4 blocks of 16, FP8 KV cache: the compressed-tensors export.
+AWQ_FOLDED = {"name": "awq_folded", "algorithm": "awq_full", "search": {"fold_all_scales": True},
+              "weight": {"format": "int4", "granularity": "block", "block_size": 16}, "kv_cache": {"format": "fp8_e4m3"}}
+
+
+def test_compressed_tensors_exports_are_layout_invariant(tiny_dir, tmp_path):
+    """Calibrated (and folded) at TP=2 or TP=1, exported at TP=1, TP=2, PP=2 or DP=2: the same bytes."""
+    ckpts = {}
+    for tp in (1, 2):
+        ckpts[tp] = tmp_path / f"ckpt_tp{tp}"
+        run_distributed(workers.quantized_logits, tp, str(tiny_dir / "hf"), tp, AWQ_FOLDED, tokens(0), tokens(1),
+                        str(ckpts[tp]))
+    run_distributed(workers.export_checkpoint_at, 1, str(ckpts[1]), 1, 1, str(tmp_path / "ref"), "compressed_tensors", 1)
+    reference = _files(tmp_path / "ref")
+    assert "model.safetensors" in reference and b"compressed-tensors" in reference["config.json"]
+    for ckpt, tp, pp, world in ((ckpts[2], 1, 1, 1), (ckpts[1], 2, 1, 2), (ckpts[1], 1, 2, 2), (ckpts[1], 1, 1, 2)):
+        out = tmp_path / f"{ckpt.name}_tp{tp}pp{pp}w{world}"
+        run_distributed(workers.export_checkpoint_at, world, str(ckpt), tp, pp, str(out), "compressed_tensors", 1)
+        got = _files(out)
+        assert got.keys() == reference.keys()
+        for name in reference:
+            assert got[name] == reference[name], f"{name} differs ({ckpt.name} exported at TP={tp} PP={pp} world={world})"
+
+
 def test_inference_pp2_renumbers_layers_per_stage(tiny_dir, tmp_path):
     from nemo_quant.export.validate import read_header, validate_checkpoint
 

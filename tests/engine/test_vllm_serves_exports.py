@@ -1,0 +1,80 @@
+"""vLLM (CPU build, its own virtualenv) serves our exports of SmolLM2-135M and agrees with our
+fake-quant model on the same tokens; the formats it refuses are refused with its own message.
+This file is the README's "who loads what" table. Run with `make test-engine`.
+
+Tolerances. vLLM computes quantized checkpoints in bf16 (it refuses fp32 for them), so a
+bf16-rounded activation lands in another FP8/INT8/FP4 bin now and then. The yardstick is what
+bf16 arithmetic does to the same export in our own hands (our reader of the export, in bf16):
+vLLM's mean |delta logprob| against our fp32 fake-quant model may be at most twice that (and at
+least 0.05 nats); the log of its perplexity ratio (the mean signed difference) at most twice
+ours-in-bf16's, or three standard errors of the per-token differences, or 1%, whichever is largest.
+Greedy continuations must be equal up to the first position where our top-2 margin is under
+1 nat (a near tie that bf16 may flip). A format read wrong (a scale, a packing order, a group
+size) is off by whole nats and fails all three.
+"""
+import pytest
+import torch
+
+from tests.engine.harness import Case, agreement, build, our_scores, serve, text_windows, vllm_python
+
+pytestmark = [pytest.mark.engine, pytest.mark.real_model]
+NEW_TOKENS = 8
+FOLD = {"weight.block_size": 64, "search.fold_all_scales": True}
+SERVED = [
+    Case("bf16", None, "hf"),
+    Case("fp8_kv_hf", "fp8", "hf", kv_fp8=True),
+    Case("nvfp4_hf", "nvfp4", "hf"),
+    Case("w4a16_awq_g64_ct", "int4_awq", "compressed_tensors", FOLD),
+    Case("w4a16_gptq_g64_ct", "int4_gptq", "compressed_tensors", {"weight.block_size": 64}),
+    Case("w8a8_sq_ct", "int8_sq", "compressed_tensors", {"search.fold_all_scales": True}),
+]
+REFUSED = [  # (case, what vLLM says)
+    (Case("w4a16_awq_hf", "int4_awq", "hf", {"weight.block_size": 64}), "ModelOpt currently only supports"),
+    (Case("w4a8_awq_hf", "w4a8_awq", "hf", {"weight.block_size": 64}), "ModelOpt currently only supports"),
+    (Case("w8a8_sq_hf", "int8_sq", "hf"), "ModelOpt currently only supports"),
+    (Case("fp8_ct", "fp8", "compressed_tensors"), "static_scaled_fp8_quant"),  # a GPU-only op in the CPU build
+    (Case("w8a16_ct", "int8_weight_only", "compressed_tensors"), "Failed to find a kernel"),  # CPU WNA16 is 4-bit only
+]
+
+
+@pytest.fixture(scope="module")
+def data(megatron_tp1):
+    if vllm_python() is None:
+        pytest.skip("set NEMO_QUANT_VLLM_PYTHON to vLLM's virtualenv python (`make test-engine` does)")
+    from nemo_quant.data.austen import calibration_text, evaluation_text
+    from nemo_quant.models.loading import default_model_path, load_tokenizer
+
+    tokenizer = load_tokenizer(default_model_path())
+    return text_windows(tokenizer, calibration_text(), 8, 256), text_windows(tokenizer, evaluation_text(), 2, 128)
+
+
+@pytest.mark.parametrize("case", SERVED, ids=[c.name for c in SERVED])
+def test_vllm_serves_the_export_and_agrees(data, tmp_path, case):
+    from nemo_quant.export.reload import load_quantized_hf
+
+    calib, prompts = data
+    out = tmp_path / case.name
+    model, arch = build(case, None, calib, out)
+    ours = our_scores(model, prompts, arch.vocab_size, NEW_TOKENS)
+    ours_bf16 = our_scores(load_quantized_hf(out, torch.bfloat16)[0], prompts, arch.vocab_size, NEW_TOKENS)
+    theirs = serve(out, prompts, NEW_TOKENS)
+    assert theirs["ok"], f"vLLM refused {case.name}: {theirs['error']}"
+    got, yardstick = agreement(ours, theirs), agreement(ours, ours_bf16)
+    assert got["mean_abs_dlogprob"] <= max(2 * yardstick["mean_abs_dlogprob"], 0.05), (got, yardstick)
+    # log(ppl_vllm / ppl_ours) = -mean(d): a systematic bias beyond bf16's and beyond 3 standard errors of
+    # the per-token differences (256 tokens: noise alone moves perplexity by a few % for FP8/NVFP4).
+    bound = max(2 * abs(yardstick["mean_dlogprob"]), 3 * got["stderr_dlogprob"], 0.01)
+    assert abs(got["mean_dlogprob"]) <= bound, (got, yardstick)
+    for d in got["diverged"]:
+        assert d["our_margin"] < 1.0, f"greedy tokens differ where ours was not a near tie: {d}"
+
+
+@pytest.mark.parametrize("case,message", REFUSED, ids=[c.name for c, _ in REFUSED])
+def test_vllm_refuses_with_its_message(data, tmp_path, case, message):
+    calib, prompts = data
+    out = tmp_path / case.name
+    build(case, None, calib[:2], out)
+    theirs = serve(out, prompts, 1)
+    assert not theirs["ok"], f"vLLM now serves {case.name}: update this table and the README"
+    assert message in theirs["error"], theirs["error"]
+
