@@ -57,8 +57,11 @@ def test_vllm_serves_the_export_and_agrees(data, tmp_path, case):
     model, arch = build(case, None, calib, out)
     ours = our_scores(model, prompts, arch.vocab_size, NEW_TOKENS)
     ours_bf16 = our_scores(load_quantized_hf(out, torch.bfloat16)[0], prompts, arch.vocab_size, NEW_TOKENS)
-    theirs = serve(out, prompts, NEW_TOKENS)
-    assert theirs["ok"], f"vLLM refused {case.name}: {theirs['error']}"
+    _assert_agrees(ours, ours_bf16, serve(out, prompts, NEW_TOKENS), case.name)
+
+
+def _assert_agrees(ours: dict, ours_bf16: dict, theirs: dict, name: str) -> None:
+    assert theirs["ok"], f"vLLM refused {name}: {theirs['error']}"
     got, yardstick = agreement(ours, theirs), agreement(ours, ours_bf16)
     assert got["mean_abs_dlogprob"] <= max(2 * yardstick["mean_abs_dlogprob"], 0.05), (got, yardstick)
     # log(ppl_vllm / ppl_ours) = -mean(d): a systematic bias beyond bf16's and beyond 3 standard errors of
@@ -67,6 +70,30 @@ def test_vllm_serves_the_export_and_agrees(data, tmp_path, case):
     assert abs(got["mean_dlogprob"]) <= bound, (got, yardstick)
     for d in got["diverged"]:
         assert d["our_margin"] < 1.0, f"greedy tokens differ where ours was not a near tie: {d}"
+
+
+# An engine-sized tiny Llama (head dim 64, dims multiples of 32 as vLLM's CPU kernels need) whose
+# 256-wide inputs take INT4 groups of 128, which SmolLM2's 576 cannot.
+ENGINE_TINY = dict(num_layers=2, hidden_size=256, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=512,
+                   vocab_size=512, max_position_embeddings=256, rotary_base=10000.0, norm_eps=1e-5,
+                   tie_word_embeddings=False)
+
+
+def test_vllm_serves_gptq_groups_of_128_on_the_tiny_model(data, tmp_path):
+    from nemo_quant.export.reload import load_quantized_hf
+    from nemo_quant.models.arch import LlamaArch
+    from tests.tiny_models import write_hf_checkpoint
+
+    arch = LlamaArch(**ENGINE_TINY)
+    model_dir = write_hf_checkpoint(tmp_path / "tiny", arch)
+    g = torch.Generator().manual_seed(0)
+    calib, prompts = torch.randint(0, 257, (8, 64), generator=g), torch.randint(0, 257, (2, 64), generator=g)
+    case = Case("w4a16_gptq_g128_ct", "int4_gptq", "compressed_tensors")
+    model, _ = build(case, str(model_dir), calib, tmp_path / case.name)
+    ours = our_scores(model, prompts, arch.vocab_size, NEW_TOKENS)
+    ours_bf16 = our_scores(load_quantized_hf(tmp_path / case.name, torch.bfloat16)[0], prompts, arch.vocab_size,
+                           NEW_TOKENS)
+    _assert_agrees(ours, ours_bf16, serve(tmp_path / case.name, prompts, NEW_TOKENS), case.name)
 
 
 @pytest.mark.parametrize("case,message", REFUSED, ids=[c.name for c, _ in REFUSED])

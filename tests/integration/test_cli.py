@@ -149,6 +149,8 @@ def test_cfg_job_prints_the_composed_config():
     ("train", ["quant=fp8", "+quant/kv_cache=nvfp4", "export=hf", "train.steps=2"]),  # NVFP4 KV cache: no layout
     ("ptq", ["quant=fp8", "export=trtllm", "export.inference_tp=3"]),  # 3 does not divide 4 heads / 2 groups
     ("ptq", ["sparsity=admm", "sparsity.exclude=[output_layer,decoder.layers.9.*]", "export=hf"]),  # no layer 9
+    # compressed-tensors has no pre_quant_scale: AWQ must fold o_proj/down_proj scales (quant.search.fold_all_scales)
+    ("ptq", ["quant=int4_awq", "quant.weight.block_size=32", "export=compressed_tensors"]),
 ])
 def test_refusals_come_before_any_forward_pass(tiny_dir, text_files, tmp_path, command, extra):
     """The job stops right after the model is built: no baseline, no calibration, nothing written."""

@@ -58,20 +58,24 @@ def _fake_quant_weights(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def export_presets(presets: dict, root, tiny_dir, **cfg) -> dict:
+    """{name: (model, ExportResult)}: each preset quantized on a fresh TP=1 tiny model and exported."""
+    from nemo_quant.models.loading import load_model
+
+    done = {}
+    for name, preset in presets.items():
+        loaded = load_model(str(tiny_dir / "hf"))
+        model = _quantized(loaded.model, preset)
+        result = export_checkpoint(model, loaded.source.arch, ExportConfig(path=str(root / name), dtype="float32", **cfg),
+                                   loaded.tokenizer)
+        done[name] = (model, result)
+    return done
+
+
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory, megatron_tp1, tiny_dir):
     """Every preset exported (both formats, inference TP=2) from one TP=1 model each."""
-    from nemo_quant.models.loading import load_model
-
-    root = tmp_path_factory.mktemp("exports")
-    done = {}
-    for name, preset in PRESETS.items():
-        loaded = load_model(str(tiny_dir / "hf"))
-        model = _quantized(loaded.model, preset)
-        result = export_checkpoint(model, loaded.source.arch, ExportConfig(
-            format="both", path=str(root / name), dtype="float32", inference_tp=2), loaded.tokenizer)
-        done[name] = (model, result)
-    return done
+    return export_presets(PRESETS, tmp_path_factory.mktemp("exports"), tiny_dir, format="both", inference_tp=2)
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

@@ -11,10 +11,8 @@ from nemo_quant.export import ExportConfig, ExportError, export_checkpoint
 from nemo_quant.export.compressed_tensors import pack_int32, unpack_int32
 from nemo_quant.export.reload import DequantizedSource, HFQuantizedCheckpoint, load_quantized_hf
 from nemo_quant.export.validate import validate_checkpoint
-from nemo_quant.modes import apply_modes
-from nemo_quant.quantization.calibrate import calibrate
-from tests.integration.test_export import HF_PROJ, _fake_quant_weights
-from tests.quant_helpers import FP8_KV, INT8_SQ, int4_awq, logits, loop_over, tokens
+from tests.integration.test_export import HF_PROJ, _fake_quant_weights, _quantized, export_presets
+from tests.quant_helpers import FP8_KV, INT8_SQ, int4_awq, logits, tokens
 
 FOLD = {"fold_all_scales": True}
 PRESETS = {
@@ -38,23 +36,9 @@ def _load(tiny_dir):
     return load_model(str(tiny_dir / "hf"))
 
 
-def _quantized(model, preset):
-    apply_modes(model, [("quantize", preset)])
-    calibrate(model, loop_over(tokens(0), tokens(1)))
-    return model
-
-
 @pytest.fixture(scope="module")
 def ct_exports(tmp_path_factory, megatron_tp1, tiny_dir):
-    root = tmp_path_factory.mktemp("ct")
-    done = {}
-    for name, preset in PRESETS.items():
-        loaded = _load(tiny_dir)
-        model = _quantized(loaded.model, preset)
-        result = export_checkpoint(model, loaded.source.arch, ExportConfig(
-            format="compressed_tensors", path=str(root / name), dtype="float32"), loaded.tokenizer)
-        done[name] = (model, result)
-    return done
+    return export_presets(PRESETS, tmp_path_factory.mktemp("ct"), tiny_dir, format="compressed_tensors")
 
 
 def _tensors(path):
