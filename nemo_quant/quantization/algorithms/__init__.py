@@ -15,7 +15,9 @@ from torch import nn
 
 from nemo_quant.distributed import max_over_world
 from nemo_quant.quantization.algorithms.awq import awq_candidates, awq_clip
-from nemo_quant.quantization.algorithms.fold import fold_order, fold_problem, fold_target, fold_into_previous, tied_candidates
+from nemo_quant.quantization.algorithms.fold import (
+    fold_into_previous, fold_order, fold_problem, fold_target, tied_candidates,
+)
 from nemo_quant.quantization.algorithms.gptq import column_quantizer, gptq_quantize
 from nemo_quant.quantization.algorithms.linear_view import LinearView, apply_pre_quant_scale
 from nemo_quant.quantization.algorithms.observe import LinearObserver, Needs, bypassed_quantizers, observing

@@ -148,12 +148,13 @@ class observing:
 
 
 class bypassed_quantizers:
-    """Context: every TensorQuantizer of `model` passes its input through unchanged."""
+    """Context: every TensorQuantizer of `model` (or those whose name ends with one of `suffixes`,
+    e.g. "input_quantizer") passes its input through unchanged."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, suffixes: tuple[str, ...] = ("",)):
         from nemo_quant.quantization.modules import quantizers
 
-        self.quantizers = [q for _, q in quantizers(model)]
+        self.quantizers = [q for name, q in quantizers(model) if name.endswith(suffixes)]
 
     def __enter__(self):
         for q in self.quantizers:
