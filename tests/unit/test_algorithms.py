@@ -176,3 +176,27 @@ def test_smoothing_folds_into_norms_and_keeps_the_function(tiny_model):
 def test_bad_algorithm_configs_fail_before_any_work(tiny_model, cfg, match):
     with pytest.raises(ConfigError, match=match):
         apply_modes(tiny_model, [("quantize", {"name": "bad", **cfg})])
+
+
+def test_fold_order_visits_each_fold_source_first():
+    from nemo_quant.quantization.algorithms.fold import fold_order
+
+    names = ["decoder.layers.0.self_attention.linear_proj", "decoder.layers.0.self_attention.linear_qkv",
+             "decoder.layers.0.mlp.linear_fc1", "decoder.layers.0.mlp.linear_fc2",
+             "decoder.layers.1.self_attention.linear_qkv", "decoder.layers.1.mlp.linear_fc1"]
+    ordered = [n for n, _ in fold_order([(n, None) for n in names])]
+    assert ordered == [names[0], names[1], names[3], names[2], names[4], names[5]]
+    assert [n for n, _ in fold_order([(n, None) for n in ordered])] == ordered  # already in order: unchanged
+
+
+def test_folding_into_a_calibrated_layer_is_refused(tiny_model):
+    """A visiting-order bug (folding into a layer whose scales are already decided) fails loudly."""
+    from nemo_quant.quantization.algorithms.fold import fold_into_previous, fold_target
+    from nemo_quant.quantization.algorithms.linear_view import LinearView
+
+    apply_modes(tiny_model, [("quantize", {"name": "w", "weight": {"format": "int8", "granularity": "channel"}})])
+    calibrate(tiny_model, None)  # weight-only: every weight quantizer calibrated from the weights
+    name = "decoder.layers.0.mlp.linear_fc2"
+    fc2 = tiny_model.get_submodule(name)
+    with pytest.raises(RuntimeError, match="fold_order"):
+        fold_into_previous(LinearView(name, fc2), fold_target(tiny_model, name), torch.ones(fc2.input_size))

@@ -95,6 +95,11 @@ def fold_into_previous(view, target: FoldTarget, scale: torch.Tensor) -> None:
     from nemo_quant.quantization.algorithms.linear_view import local_output_rows
 
     previous = target.previous
+    wq = getattr(previous, "weight_quantizer", None)
+    if wq is not None and wq.is_calibrated:
+        # Its scales were decided on the unscaled rows: folding now would desynchronise them (a visiting-order bug).
+        raise RuntimeError("fold_all_scales: the layer before this one is already calibrated; fold sources must be "
+                           "visited first (fold_order)")
     local = local_output_rows(previous, _row_multiplier(target, scale.float()), gated=target.kind == "up")
     with torch.no_grad():
         view.write_weight(view.weight / scale)
