@@ -24,7 +24,6 @@ import torch
 
 from nemo_quant.export.formats import ExportError, ExportFormat, QuantizedLinear
 from nemo_quant.export.hf import HFWriter
-from nemo_quant.export.hf_layout import HFLayer
 from nemo_quant.export.quant_summary import QuantSummary
 
 CT_VERSION = "0.17.0"  # the compressed-tensors release whose layout this writes (tested against it)
@@ -76,9 +75,7 @@ def ct_linear_tensors(ql: QuantizedLinear, dtype: torch.dtype, where: str) -> di
     f = ql.fmt
     if f == ExportFormat.none:
         return {"weight": ql.weight.to(dtype)}
-    if ql.pre_quant_scale is not None and not bool((ql.pre_quant_scale == 1).all()):
-        raise ExportError(f"{where}: holds a smoothing (pre-quant) scale, which compressed-tensors checkpoints cannot "
-                          "carry; calibrate with quant.search.fold_all_scales=true.")
+    # A smoothing scale left on the layer was refused by the export preflight (writer.check_compressed_tensors).
     out, rows = ct_scheme(f, ql.group_size, where), ql.weight.shape[0]
     if out["format"] == PACKED:
         bits = out["weights"]["num_bits"]
@@ -112,16 +109,10 @@ def ct_quantization_config(summary: QuantSummary) -> dict | None:
 class CompressedTensorsWriter(HFWriter):
     """The HF writer with compressed-tensors linears, KV-cache scale names and config block."""
 
-    def layer(self, layer: HFLayer) -> None:
-        prefix = f"model.layers.{layer.index}."
-        for name, t in layer.norms.items():
-            self.tensors.add(prefix + name, t.to(self.dtype))
-        for proj, ql in layer.linears.items():
-            for suffix, t in ct_linear_tensors(ql, self.dtype, prefix + proj).items():
-                self.tensors.add(f"{prefix}{proj}.{suffix}", t)
-        if layer.kv_scales is not None:
-            self.tensors.add(prefix + "self_attn.k_scale", layer.kv_scales[0].reshape(1))
-            self.tensors.add(prefix + "self_attn.v_scale", layer.kv_scales[1].reshape(1))
+    KV_SCALE_NAMES, KV_SCALE_SHAPE = ("self_attn.k_scale", "self_attn.v_scale"), (1,)
+
+    def linear_tensors(self, ql: QuantizedLinear, proj: str, where: str) -> dict[str, torch.Tensor]:
+        return ct_linear_tensors(ql, self.dtype, where)
 
     def quantization_blocks(self, summary: QuantSummary, producer: dict) -> tuple[dict | None, dict | None]:
         return ct_quantization_config(summary), None

@@ -48,6 +48,9 @@ def hf_linear_tensors(ql: QuantizedLinear, proj: str, dtype: torch.dtype) -> dic
 class HFWriter:
     """Consumes the export stream and writes the directory (already a staging directory)."""
 
+    # Where the FP8 KV-cache scales go (ModelOpt's HF names, 0-d).
+    KV_SCALE_NAMES, KV_SCALE_SHAPE = ("self_attn.k_proj.k_scale", "self_attn.v_proj.v_scale"), ()
+
     def __init__(self, directory: Path, arch: LlamaArch, dtype: torch.dtype, max_shard_bytes: int):
         self.directory, self.arch, self.dtype = Path(directory), arch, dtype
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -61,11 +64,14 @@ class HFWriter:
         for name, t in layer.norms.items():
             self.tensors.add(prefix + name, t.to(self.dtype))
         for proj, ql in layer.linears.items():
-            for suffix, t in hf_linear_tensors(ql, proj, self.dtype).items():
+            for suffix, t in self.linear_tensors(ql, proj, prefix + proj).items():
                 self.tensors.add(f"{prefix}{proj}.{suffix}", t)
         if layer.kv_scales is not None:
-            self.tensors.add(prefix + "self_attn.k_proj.k_scale", layer.kv_scales[0].reshape(()))
-            self.tensors.add(prefix + "self_attn.v_proj.v_scale", layer.kv_scales[1].reshape(()))
+            for name, scale in zip(self.KV_SCALE_NAMES, layer.kv_scales):
+                self.tensors.add(prefix + name, scale.reshape(self.KV_SCALE_SHAPE))
+
+    def linear_tensors(self, ql: QuantizedLinear, proj: str, where: str) -> dict[str, torch.Tensor]:
+        return hf_linear_tensors(ql, proj, self.dtype)
 
     def head(self, norm: torch.Tensor, output: torch.Tensor | None) -> None:
         self.tensors.add("model.norm.weight", norm.to(self.dtype))

@@ -54,7 +54,6 @@ class CTConfig:
     """A parsed `quantization_config` of `quant_method: compressed-tensors`."""
 
     def __init__(self, qc: dict, errors: list[str]):
-        self.errors = errors
         self.ignore: list[str] = list(qc.get("ignore") or [])
         self.kv = qc.get("kv_cache_scheme")
         top = qc.get("format")

@@ -46,14 +46,19 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def arch_of_megatron(model, vocab_size: int) -> LlamaArch:
-    """The architecture of a built Megatron GPTModel (local spec); `vocab_size` is the true,
-    unpadded vocabulary, which the model itself does not keep."""
-    c = model.config
+def arch_of_config(c, vocab_size: int = 0, **model_level) -> LlamaArch:
+    """The layer shapes of a Megatron TransformerConfig (any module holds one); the model-level
+    fields (vocabulary, positions, rotary base, tying) come in `model_level` or keep defaults."""
     return LlamaArch(
         num_layers=c.num_layers, hidden_size=c.hidden_size, num_attention_heads=c.num_attention_heads,
         num_query_groups=c.num_query_groups or c.num_attention_heads, ffn_hidden_size=c.ffn_hidden_size,
-        vocab_size=vocab_size, max_position_embeddings=model.max_sequence_length,
-        rotary_base=float(getattr(model, "rotary_base", 10000)), norm_eps=c.layernorm_epsilon,
-        tie_word_embeddings=bool(model.share_embeddings_and_output_weights),
+        vocab_size=vocab_size, norm_eps=c.layernorm_epsilon, **model_level,
     )
+
+
+def arch_of_megatron(model, vocab_size: int) -> LlamaArch:
+    """The architecture of a built Megatron GPTModel (local spec); `vocab_size` is the true,
+    unpadded vocabulary, which the model itself does not keep."""
+    return arch_of_config(model.config, vocab_size, max_position_embeddings=model.max_sequence_length,
+                          rotary_base=float(getattr(model, "rotary_base", 10000)),
+                          tie_word_embeddings=bool(model.share_embeddings_and_output_weights))

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,6 +113,3 @@ def agreement(ours: dict, theirs: dict) -> dict:
             "stderr_dlogprob": float(d.std() / math.sqrt(d.numel())), "ppl_ours": math.exp(float(-a.mean())),
             "ppl_vllm": math.exp(float(-b.mean())), "diverged": diverged}
 
-
-def main() -> None:  # pragma: no cover - manual use: python -m tests.engine.harness <export dir>
-    print(json.dumps(serve(Path(sys.argv[1]), torch.tensor([[1, 2, 3, 4]]), 4), indent=1))

@@ -153,8 +153,8 @@ def test_folded_smoothing_leaves_the_function_unchanged(megatron_tp1, tiny_dir):
         for name, module in model.named_modules():
             pqs = getattr(module, "pre_quant_scale", None)
             assert pqs is None or bool((pqs == 1).all()), f"{name} kept a pre-quant scale"
-        proj = model.decoder.layers[0].self_attention.linear_qkv.weight
-        assert not torch.equal(proj, _load(tiny_dir).model.decoder.layers[0].self_attention.linear_qkv.weight)
+        qkv = model.decoder.layers[0].self_attention.linear_qkv.weight  # V rows carry o_proj's folded scale
+        assert not torch.equal(qkv, _load(tiny_dir).model.decoder.layers[0].self_attention.linear_qkv.weight)
         with bypassed_quantizers(model):
             torch.testing.assert_close(logits(model, tokens(5)), reference, rtol=1e-4, atol=1e-4)
 

@@ -22,15 +22,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from nemo_quant.models.arch import LlamaArch, arch_of_config
+from nemo_quant.models.megatron_layout import interleave_qkv
 
 
 @dataclass
 class FoldTarget:
     previous: nn.Module  # linear_qkv (V rows) or linear_fc1 (up rows)
     kind: str  # "v" or "up"
-    groups: int = 1
-    heads_per_group: int = 1
-    head_dim: int = 1
+    arch: LlamaArch | None = None  # heads and KV groups of linear_qkv ("v" only)
 
 
 def fold_problem(model: nn.Module, name: str) -> str | None:
@@ -53,9 +53,7 @@ def fold_target(model: nn.Module, name: str) -> FoldTarget | None:
         return FoldTarget(_sibling(model, parent, "linear_fc1"), "up")
     if leaf == "linear_proj":
         qkv = _sibling(model, parent, "linear_qkv")
-        c = qkv.config
-        groups = c.num_query_groups or c.num_attention_heads
-        return FoldTarget(qkv, "v", groups, c.num_attention_heads // groups, c.kv_channels)
+        return FoldTarget(qkv, "v", arch_of_config(qkv.config))
     return None
 
 
@@ -68,9 +66,10 @@ def _sibling(model: nn.Module, parent: str, leaf: str) -> nn.Module | None:
 
 def tie(target: FoldTarget, scale: torch.Tensor) -> torch.Tensor:
     """A candidate scale made foldable: one value per (KV group, channel) for o_proj."""
-    if target.kind != "v" or target.heads_per_group == 1:
+    a = target.arch
+    if target.kind != "v" or a.num_attention_heads == a.num_query_groups:
         return scale
-    per_head = scale.reshape(target.groups, target.heads_per_group, target.head_dim)
+    per_head = scale.reshape(a.num_query_groups, a.num_attention_heads // a.num_query_groups, a.head_dim)
     shared = per_head.log().mean(dim=1, keepdim=True).exp()
     return shared.expand_as(per_head).reshape(-1)
 
@@ -83,10 +82,11 @@ def _row_multiplier(target: FoldTarget, scale: torch.Tensor) -> torch.Tensor:
     """Multiplier of the earlier layer's rows in TP=1 order (see models/megatron_layout.py)."""
     if target.kind == "up":
         return torch.cat([torch.ones_like(scale), scale])
-    g, p, d = target.groups, target.heads_per_group, target.head_dim
-    v = scale.reshape(g, p, d)[:, 0]  # tied: every head of a group holds the same values
-    qk = torch.ones(g, (p + 1) * d, dtype=scale.dtype)
-    return torch.cat([qk, v], dim=1).reshape(-1)  # per group: [q heads, k, v]
+    a = target.arch
+    d, groups = a.head_dim, a.num_query_groups
+    v = scale.reshape(groups, -1, d)[:, 0].reshape(-1, 1)  # tied: every head of a group holds the same values
+    q, k = torch.ones(a.num_attention_heads * d, 1), torch.ones(groups * d, 1)
+    return interleave_qkv(q, k, v, a, 0, 1).reshape(-1)
 
 
 def fold_into_previous(view, target: FoldTarget, scale: torch.Tensor) -> None:
