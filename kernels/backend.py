@@ -70,7 +70,9 @@ class KernelBackend:
     def nf4(self, x: torch.Tensor, absmax_dq: torch.Tensor, block: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def nf4_dequantize(self, codes: torch.Tensor, absmax: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
+    def nf4_dequantize(self, packed: torch.Tensor, absmax: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
+        """Packed NF4 codes [rows, cols/2] (high nibble first) and fp32 absmax [rows, cols/block]
+        -> [rows, cols] in `dtype` (numerics.nf4.dequantize_packed_reference)."""
         raise NotImplementedError
 
     def absmax(self, x: torch.Tensor, block: int) -> torch.Tensor:

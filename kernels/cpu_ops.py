@@ -65,8 +65,8 @@ class CpuKernels(KernelBackend):
     def nf4(self, x, absmax_dq, block):
         return self.ops.fake_quant_nf4(x, absmax_dq, NF4_CODEBOOK, NF4_MIDPOINTS, block)
 
-    def nf4_dequantize(self, codes, absmax, block, dtype):
-        return self.ops.nf4_dequantize(codes, absmax.float().contiguous(), NF4_CODEBOOK, block, dtype)
+    def nf4_dequantize(self, packed, absmax, block, dtype):
+        return self.ops.nf4_dequantize(packed, absmax.float().contiguous(), NF4_CODEBOOK, block, dtype)
 
     def absmax(self, x, block):
         return self.ops.absmax(x, block)

@@ -138,7 +138,7 @@ def _nf4_kernel(x_ptr, out_ptr, absmax_dq_ptr, codebook_ptr, mids_ptr, cols, nbl
                 TILE: tl.constexpr, WIDTH: tl.constexpr):
     x, ptrs, mask, k = _block_tile(x_ptr, cols, nblocks, block, total, TILE, WIDTH)
     bmax = tl.max(tl.abs(x), axis=1)
-    v = tl.math.div_rn(x, tl.where(bmax > 0, bmax, 1.0)[:, None])
+    v = x * tl.math.div_rn(1.0, tl.maximum(bmax, 1e-38))[:, None]  # bnb scales by the reciprocal
     code = tl.zeros(x.shape, tl.int32)
     for j in tl.static_range(15):  # number of midpoints below v = the nearest level
         code += (v > tl.load(mids_ptr + j)).to(tl.int32)
@@ -148,13 +148,16 @@ def _nf4_kernel(x_ptr, out_ptr, absmax_dq_ptr, codebook_ptr, mids_ptr, cols, nbl
 
 
 @triton.jit
-def _nf4_dequantize_kernel(codes_ptr, out_ptr, absmax_ptr, codebook_ptr, n, cols, nblocks, block, BLOCK: tl.constexpr):
+def _nf4_dequantize_kernel(packed_ptr, out_ptr, absmax_ptr, codebook_ptr, n_bytes, half_block, BLOCK: tl.constexpr):
+    # One byte holds two consecutive weights, the first in the high nibble (bitsandbytes' layout).
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    code = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.int32) & 15
-    scale = tl.load(absmax_ptr + (offs // cols) * nblocks + (offs % cols) // block, mask=mask, other=0.0)
-    out = tl.load(codebook_ptr + code, mask=mask, other=0.0) * scale
-    _store(out_ptr, offs, out, mask)
+    mask = offs < n_bytes
+    byte = tl.load(packed_ptr + offs, mask=mask, other=0).to(tl.int32)
+    scale = tl.load(absmax_ptr + offs // half_block, mask=mask, other=0.0)
+    hi = tl.load(codebook_ptr + (byte >> 4), mask=mask, other=0.0) * scale
+    lo = tl.load(codebook_ptr + (byte & 15), mask=mask, other=0.0) * scale
+    _store(out_ptr, 2 * offs, hi, mask)
+    _store(out_ptr, 2 * offs + 1, lo, mask)
 
 
 @triton.jit
@@ -236,13 +239,13 @@ class TritonKernels(KernelBackend):
     def nf4(self, x, absmax_dq, block):
         return self._blockwise(_nf4_kernel, x, block, absmax_dq.to(x.device), *_nf4_tables(x.device))
 
-    def nf4_dequantize(self, codes, absmax, block, dtype):
-        codes = codes.contiguous()
-        out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
-        rows, cols, block, nblocks = self._geometry(codes, block)
-        grid = (triton.cdiv(codes.numel(), FLAT_BLOCK),)
-        _nf4_dequantize_kernel[grid](codes, out, absmax.float().contiguous(), _nf4_tables(codes.device)[0],
-                                     codes.numel(), cols, nblocks, block, BLOCK=FLAT_BLOCK, **LAUNCH)
+    def nf4_dequantize(self, packed, absmax, block, dtype):
+        packed = packed.contiguous()
+        rows, cols = packed.shape[0], packed.shape[1] * 2
+        out = torch.empty((rows, cols), dtype=dtype, device=packed.device)
+        grid = (triton.cdiv(packed.numel(), FLAT_BLOCK),)
+        _nf4_dequantize_kernel[grid](packed, out, absmax.float().contiguous(), _nf4_tables(packed.device)[0],
+                                     packed.numel(), block // 2, BLOCK=FLAT_BLOCK, **LAUNCH)
         return out
 
     def absmax(self, x, block):

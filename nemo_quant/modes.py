@@ -41,7 +41,7 @@ class Mode:
 _MODES: dict[str, Mode] = {}
 CANONICAL_ORDER = "prune -> sparsity -> quantize | qlora -> speculative heads"
 # Built-in modes, imported on first use: each registers itself; none imports another's internals.
-_BUILTIN_MODES = ("nemo_quant.quantization.mode", "nemo_quant.sparsity.mode")
+_BUILTIN_MODES = ("nemo_quant.quantization.mode", "nemo_quant.sparsity.mode", "nemo_quant.qlora.mode")
 
 
 def register_mode(mode: Mode) -> Mode:

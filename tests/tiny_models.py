@@ -16,6 +16,12 @@ TINY = LlamaArch(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_
                  ffn_hidden_size=96, vocab_size=257, max_position_embeddings=128,
                  rotary_base=10000.0, norm_eps=1e-5, tie_word_embeddings=True)
 
+# QLoRA's tiny model: every input dim a multiple of NF4's block of 64 at TP=1 and TP=2, and
+# fc1's blocks split over TP=2 in the middle of a 256-block group of the second quantization level.
+QTINY = LlamaArch(num_layers=2, hidden_size=128, num_attention_heads=4, num_query_groups=2,
+                  ffn_hidden_size=384, vocab_size=257, max_position_embeddings=128,
+                  rotary_base=10000.0, norm_eps=1e-5, tie_word_embeddings=True)
+
 
 def tiny_hf_tensors(arch: LlamaArch = TINY, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)

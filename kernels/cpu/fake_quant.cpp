@@ -243,10 +243,10 @@ Tensor fake_quant_nf4(const Tensor& x, const Tensor& absmax_dq, const Tensor& co
   std::memcpy(cb, codebook.data_ptr<float>(), sizeof cb);
   std::memcpy(md, mids.data_ptr<float>(), sizeof md);
   return blockwise(x, block, "fake_quant_nf4", [&](auto row, auto orow, int64_t bi, int64_t c0, int64_t c1, float bmax) {
-    const float denom = bmax > 0.0f ? bmax : 1.0f;
+    const float inv = 1.0f / std::max(bmax, 1e-38f);  // bnb scales by the reciprocal
     const float scale = dq[bi];
     for (int64_t c = c0; c < c1; ++c) {
-      const float v = load(row, c) / denom;
+      const float v = load(row, c) * inv;
       int code = 0;
       for (int j = 0; j < 15; ++j) code += v > md[j];
       store(orow, c, cb[code] * scale);
@@ -254,23 +254,35 @@ Tensor fake_quant_nf4(const Tensor& x, const Tensor& absmax_dq, const Tensor& co
   });
 }
 
-// NF4 dequantization of uint8 codes [rows, cols] with one absmax per `block` codes of a row.
-Tensor nf4_dequantize(const Tensor& codes_in, const Tensor& absmax, const Tensor& codebook, int64_t block, at::ScalarType dtype) {
-  const Tensor codes = codes_in.contiguous();
-  TORCH_CHECK(codes.scalar_type() == at::kByte, "nf4_dequantize: codes must be uint8");
-  Tensor out = at::empty(codes.sizes(), codes.options().dtype(dtype));
-  const Geometry g(codes, block);
-  TORCH_CHECK(absmax.numel() == g.rows * g.nblocks, "nf4_dequantize: one absmax per block");
-  const uint8_t* cp = codes.data_ptr<uint8_t>();
+// NF4 dequantization of packed codes [rows, cols/2] (two per byte, the first in the high
+// nibble: bitsandbytes' layout) with one fp32 absmax per `block` weights of a row.
+Tensor nf4_dequantize(const Tensor& packed_in, const Tensor& absmax_in, const Tensor& codebook, int64_t block, at::ScalarType dtype) {
+  const Tensor packed = packed_in.contiguous();
+  const Tensor absmax = absmax_in.contiguous();
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2, "nf4_dequantize: packed codes must be uint8 [rows, cols/2]");
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat, "nf4_dequantize: absmax must be float32");
+  const int64_t rows = packed.size(0), cols = packed.size(1) * 2;
+  TORCH_CHECK(block > 0 && block % 2 == 0 && cols % block == 0, "nf4_dequantize: cols must be a multiple of an even block");
+  const int64_t nblocks = cols / block;
+  TORCH_CHECK(absmax.numel() == rows * nblocks, "nf4_dequantize: one absmax per block");
+  Tensor out = at::empty({rows, cols}, packed.options().dtype(dtype));
+  const uint8_t* cp = packed.data_ptr<uint8_t>();
   const float* a = absmax.data_ptr<float>();
   float cb[16];
   std::memcpy(cb, codebook.data_ptr<float>(), sizeof cb);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "nf4_dequantize", [&] {
     scalar_t* op_ = out.data_ptr<scalar_t>();
-    for_each_block(g, [&](int64_t r, int64_t b, int64_t c0, int64_t c1) {
-      const float scale = a[r * g.nblocks + b];
-      const int64_t base = r * g.cols;
-      for (int64_t c = c0; c < c1; ++c) store(op_, base + c, cb[cp[base + c] & 15] * scale);
+    at::parallel_for(0, rows * nblocks, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const float scale = a[k];
+        const uint8_t* src = cp + k * (block / 2);
+        scalar_t* dst = op_ + k * block;
+        for (int64_t j = 0; j < block / 2; ++j) {
+          const uint8_t byte = src[j];
+          dst[2 * j] = static_cast<scalar_t>(cb[byte >> 4] * scale);
+          dst[2 * j + 1] = static_cast<scalar_t>(cb[byte & 15] * scale);
+        }
+      }
     });
   });
   return out;
