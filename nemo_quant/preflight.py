@@ -47,6 +47,9 @@ def preflight(model: nn.Module, arch: LlamaArch | None, modes: list[tuple[str, A
 def _export_problem(model: nn.Module, arch: LlamaArch, cfg: ExportConfig, typed_modes: list) -> str | None:
     """Export checks against each quantize config the job may end with: the configured one, or
     every candidate preset of an auto mixed-precision search (its plan picks per layer among them)."""
+    qlora = [cfg_ for name, cfg_ in typed_modes if name == "qlora"]
+    if qlora:
+        return export_problems(model, arch, cfg, qlora_cfg=qlora[-1])
     quant = [cfg_ for name, cfg_ in typed_modes if name == "quantize"]
     if not quant:
         return export_problems(model, arch, cfg)

@@ -113,8 +113,7 @@ def qat_run(model_path: str, save_dir: str, steps: int, quant_cfg: dict | None, 
     loaded = load_model(model_path, with_weights=previous is None)
     optimizer = None
     if previous is not None:
-        optimizer = make_optimizer(loaded.model, lr, 0.0)
-        state = resume(loaded.model, optimizer, previous)
+        optimizer, state = resume(loaded.model, lambda m: make_optimizer(m, lr, 0.0), previous)
     else:
         apply_modes(loaded.model, [("quantize", quant_cfg)])
         calibrate(loaded.model, loop_over(windows[:2, :-1]))

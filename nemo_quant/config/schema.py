@@ -13,6 +13,7 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 
 from nemo_quant.export.config import ExportConfig
+from nemo_quant.qlora.config import QLoRAConfig
 from nemo_quant.quantization.config import QuantConfig
 from nemo_quant.sparsity.config import SparsityConfig
 
@@ -99,9 +100,11 @@ class AppConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    # Modes, applied in the canonical order: sparsity, then quantization.
+    # Modes, applied in the canonical order: sparsity, then quantization or QLoRA (not both:
+    # QLoRA's NF4 base is its weights' quantization).
     sparsity: Optional[SparsityConfig] = None
     quant: Optional[QuantConfig] = None
+    qlora: Optional[QLoRAConfig] = None
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     # Deployable checkpoint written at the end of ptq / train, or by `nemo-quant export`.
@@ -116,4 +119,5 @@ def register_configs() -> None:
     cs.store(group="parallel", name="schema", node=ParallelConfig)
     cs.store(group="quant", name="schema", node=QuantConfig)
     cs.store(group="sparsity", name="schema", node=SparsityConfig)
+    cs.store(group="qlora", name="schema", node=QLoRAConfig)
     cs.store(group="export", name="schema", node=ExportConfig)

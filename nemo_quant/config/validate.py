@@ -58,6 +58,8 @@ def _validate_command(cfg: DictConfig) -> None:
         from nemo_quant.sparsity.mode import validate_sparsity_config
 
         validate_sparsity_config(OmegaConf.to_object(cfg.sparsity))
+    if cfg.get("qlora") is not None:
+        _validate_qlora(cfg)
     _validate_export(cfg)
     if cfg.command == "train":
         if cfg.checkpoint.save is None:
@@ -72,6 +74,24 @@ def _validate_command(cfg: DictConfig) -> None:
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise ConfigError(f"train.adam_betas={betas}: give two values in [0, 1), e.g. [0.9, 0.95].")
 
+
+
+def _validate_qlora(cfg: DictConfig) -> None:
+    from omegaconf import OmegaConf
+
+    from nemo_quant.qlora.mode import validate_qlora_config
+
+    if cfg.quant is not None:
+        raise ConfigError(f"quant={cfg.quant.name} and qlora={cfg.qlora.name} would both quantize the same weights "
+                          "(QLoRA's NF4 base is their quantization). Train with qlora alone, export it with "
+                          "export=merged, then run `nemo-quant ptq quant=... model.path=<the merged export>`.")
+    if cfg.sparsity is not None:
+        raise ConfigError("sparsity and qlora in one job: the NF4 base would not keep the sparsity masks; "
+                          "remove sparsity=... or qlora=...")
+    if cfg.command not in ("train", "export", "eval"):
+        raise ConfigError(f"qlora={cfg.qlora.name} trains adapters: run `nemo-quant train qlora=... "
+                          "checkpoint.save=<dir>` (not `nemo-quant {cfg.command.value}`).")
+    validate_qlora_config(OmegaConf.to_object(cfg.qlora))
 
 
 def _validate_export(cfg: DictConfig) -> None:

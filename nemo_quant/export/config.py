@@ -12,6 +12,9 @@ class ExportTarget(str, Enum):
     both = "both"  # <path>/hf and <path>/trtllm
     # compressed-tensors (llm-compressor's format; vLLM's native int4/int8 loaders): INT4/INT8/FP8
     compressed_tensors = "compressed_tensors"
+    # QLoRA / LoRA models (qlora/export.py): <path>/base (bitsandbytes NF4) + <path>/adapter (PEFT)
+    peft = "peft"
+    merged = "merged"  # dequant(W) + scaling * B A in export.dtype: a plain HF checkpoint
 
 
 class ExportDType(str, Enum):

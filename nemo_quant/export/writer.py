@@ -20,6 +20,7 @@ from nemo_quant.export.quant_summary import QuantSummary
 from nemo_quant.export.trtllm import TRTLLMWriter, check_architecture, check_layout
 from nemo_quant.models.arch import LlamaArch
 from nemo_quant.models.loading import DTYPES
+from nemo_quant.qlora.export import qlora_export_problem, qlora_writers
 from nemo_quant.runtime.distributed_init import is_main_rank
 from nemo_quant.utils.progress import progress
 
@@ -43,19 +44,34 @@ def _producer() -> dict:
     return {"name": "nemo_quant", "version": v}
 
 
-def export_problems(model, arch: LlamaArch, cfg: ExportConfig, specs_of=layer_specs, smoothing: bool = False) -> str | None:
+_FROM_MODEL = object()
+
+
+def _qlora_of(model):
+    from nemo_quant.modes import mode_config
+
+    return mode_config(model, "qlora")
+
+
+def export_problems(model, arch: LlamaArch, cfg: ExportConfig, specs_of=layer_specs, smoothing: bool = False,
+                    qlora_cfg=_FROM_MODEL) -> str | None:
     """The first reason this rank's layers cannot be written as `cfg` asks, or None.
     `specs_of(layer)` gives each linear's (weight, input) specs and the KV spec: the quantizers'
     own by default, or those a configured quantize mode will attach (the preflight, before any
-    work); `smoothing`: that mode's algorithm writes pre-quant scales."""
+    work); `smoothing`: that mode's algorithm writes pre-quant scales; `qlora_cfg`: the qlora
+    config the model has (default: read from the model) or will have."""
     try:
         if cfg.path is None:
             raise ExportError("export.path is not set; give the directory to write (export.path=/path/to/ckpt).")
+        if cfg.max_shard_size_gb <= 0:
+            raise ExportError(f"export.max_shard_size_gb={cfg.max_shard_size_gb}: must be positive.")
+        qlora = _qlora_of(model) if qlora_cfg is _FROM_MODEL else qlora_cfg
+        problem = qlora_export_problem(cfg, qlora)
+        if problem or qlora is not None:
+            return problem
         if cfg.format in (ExportTarget.trtllm, ExportTarget.both):
             check_architecture(cfg.trtllm_architecture)
             check_layout(arch, cfg.inference_tp, cfg.inference_pp)
-        if cfg.max_shard_size_gb <= 0:
-            raise ExportError(f"export.max_shard_size_gb={cfg.max_shard_size_gb}: must be positive.")
         trt_tp = cfg.inference_tp if cfg.format != ExportTarget.hf else 1
         for layer in model.decoder.layers:
             where = f"decoder.layers.{layer.layer_number - 1}"
@@ -118,14 +134,17 @@ def export_checkpoint(model, arch: LlamaArch, cfg: ExportConfig, tokenizer=None)
         problems = [p for p in gather_messages(mask_problems(model, summary.sparsity["n"], summary.sparsity["m"])) if p]
         if problems:
             raise ExportError(problems[0])
+    qlora = _qlora_of(model)
     with atomic_directory(result.path, cfg.overwrite, key="export.path") as staging:
-        writers = _writers(staging, arch, dtype, cfg) if is_main_rank() else {}
+        writers = {}
+        if is_main_rank():
+            writers = qlora_writers(staging, arch, dtype, cfg, qlora) if qlora else _writers(staging, arch, dtype, cfg)
         stream = stream_model(model, arch.vocab_size)
         failure = None
         try:
-            _consume(stream, writers, summary, arch)
+            _consume(stream, writers, summary, arch, qlora is not None)
             for name, w in writers.items():
-                result.files += w.finish(summary, tokenizer, _producer()) if name == "hf" else w.finish(summary, _producer())
+                result.files += w.finish(summary, _producer()) if name == "trtllm" else w.finish(summary, tokenizer, _producer())
         except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
             failure = e
             for w in writers.values():
@@ -142,6 +161,8 @@ def export_checkpoint(model, arch: LlamaArch, cfg: ExportConfig, tokenizer=None)
                                          "to export.path.")
     result.seconds = time.perf_counter() - start
     result.quant_algo = summary.quant_algo if is_main_rank() else None
+    if qlora is not None and cfg.format == ExportTarget.peft and getattr(qlora.base_format, "value", qlora.base_format) == "nf4":
+        result.quant_algo = "NF4 (bitsandbytes, double quantization)"
     if is_main_rank():
         result.files = [result.path / f.relative_to(staging) for f in result.files]
         result.bytes_written = sum(f.stat().st_size for f in result.path.rglob("*") if f.is_file())
@@ -155,12 +176,17 @@ def _sparsity_of(model) -> dict | None:
     return None if cfg is None else {"n": cfg.n, "m": cfg.m, "method": getattr(cfg.method, "value", cfg.method)}
 
 
-def _consume(stream, writers: dict, summary: QuantSummary, arch: LlamaArch) -> None:
+def _consume(stream, writers: dict, summary: QuantSummary, arch: LlamaArch, qlora: bool = False) -> None:
+    from nemo_quant.qlora.hf_export import convert_qlora_layer
+
     bar = progress(arch.num_layers, "export", unit="layer")
     for kind, item in stream:
         if kind == "layer":
-            item = convert_layer(item, arch)
-            summary.add(item)
+            if qlora:
+                item = convert_qlora_layer(item, arch)
+            else:
+                item = convert_layer(item, arch)
+                summary.add(item)
             bar.update(1)
         for w in writers.values():
             if kind == "head":

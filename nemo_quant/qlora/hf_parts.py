@@ -12,26 +12,20 @@ import torch
 from nemo_quant.models.arch import LlamaArch
 from nemo_quant.models.megatron_layout import interleave_qkv, split_qkv
 
-# Megatron leaf -> the Hugging Face module names it fuses, in order.
-HF_MODULES = {
-    "linear_qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "linear_proj": ("self_attn.o_proj",),
-    "linear_fc1": ("mlp.gate_proj", "mlp.up_proj"),
-    "linear_fc2": ("mlp.down_proj",),
-}
 
 
 def leaf_of(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-def hf_modules(name: str, gated: bool = True) -> tuple[str, ...]:
-    leaf = leaf_of(name)
-    if leaf == "linear_fc1" and not gated:
-        return ("mlp.up_proj",)
-    if leaf not in HF_MODULES:
-        raise KeyError(f"{name}: no Hugging Face module for a Megatron {leaf!r} layer")
-    return HF_MODULES[leaf]
+def hf_modules(name: str) -> tuple[str, ...]:
+    """The Hugging Face projections of Megatron linear `name` (..."self_attention.linear_qkv")."""
+    from nemo_quant.export.hf_layout import SPLITS
+
+    key = ".".join(name.split(".")[-2:])
+    if key not in SPLITS:
+        raise KeyError(f"{name}: no Hugging Face module for a Megatron {key!r} layer")
+    return SPLITS[key]
 
 
 def split_parts(full: torch.Tensor, name: str, arch: LlamaArch, gated: bool) -> list[torch.Tensor]:

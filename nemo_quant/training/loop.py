@@ -12,6 +12,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -56,11 +57,14 @@ def _set_lr(optimizer: torch.optim.Optimizer, step: int, warmup_steps: int) -> N
         group["lr"] = base * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else base
 
 
-def resume(model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint: Path) -> TrainState:
-    """`model` must be freshly built (no modes): the checkpoint's modes are replayed first."""
+def resume(model: nn.Module, make_opt: Callable[[nn.Module], torch.optim.Optimizer],
+           checkpoint: Path) -> tuple[torch.optim.Optimizer, TrainState]:
+    """`model` must be freshly built (no modes): the checkpoint's modes are replayed first, then
+    the optimizer is made (`make_opt(model)`: modes decide what trains) and its state loaded."""
     load_into(model, checkpoint)
+    optimizer = make_opt(model)
     load_optimizer(optimizer, checkpoint, dist.get_rank() if dist.is_initialized() else 0)
-    return TrainState(**json.loads((checkpoint / TRAINER_STATE).read_text()))
+    return optimizer, TrainState(**json.loads((checkpoint / TRAINER_STATE).read_text()))
 
 
 def _save(model, arch, optimizer, state: TrainState, save_dir: Path) -> None:

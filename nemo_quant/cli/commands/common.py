@@ -35,7 +35,7 @@ def quant_config(cfg: DictConfig):
 
 
 def configured_modes(cfg: DictConfig, model=None) -> list[tuple[str, object]]:
-    """The job's modes in canonical order (sparsity, quantize), less those `model` already
+    """The job's modes in canonical order (sparsity, quantize or qlora), less those `model` already
     carries (a checkpoint that was pruned or quantized before)."""
     from nemo_quant.modes import mode_state
 
@@ -45,6 +45,8 @@ def configured_modes(cfg: DictConfig, model=None) -> list[tuple[str, object]]:
         modes.append(("sparsity", OmegaConf.to_object(cfg.sparsity)))
     if cfg.quant is not None and "quantize" not in done:
         modes.append(("quantize", quant_config(cfg)))
+    if cfg.get("qlora") is not None and "qlora" not in done:
+        modes.append(("qlora", OmegaConf.to_object(cfg.qlora)))
     return modes
 
 

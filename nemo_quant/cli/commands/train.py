@@ -16,6 +16,31 @@ from nemo_quant.cli.commands.common import (
 )
 
 
+def check_resume_modes(cfg: DictConfig, saved: list[dict], checkpoint: Path) -> None:
+    """A resumed run must continue with the modes it was started with: any configured mode the
+    checkpoint lacks, or holds with other values, fails here, naming the keys."""
+    from omegaconf import OmegaConf
+
+    from nemo_quant.config.validate import ConfigError
+    from nemo_quant.modes import get_mode
+
+    group = {"quantize": "quant"}
+    for name, typed in configured_modes(cfg):
+        key = group.get(name, name)
+        mode = get_mode(name)
+        entries = [e["config"] for e in saved if e["name"] == name]
+        if not entries:
+            raise ConfigError(f"{key}=... is set, but the run in {checkpoint} was started without it; resume without "
+                              f"{key}, or start a new run (a new checkpoint.save, or train.resume=false).")
+        want = OmegaConf.to_container(OmegaConf.structured(typed), enum_to_str=True)
+        have = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(mode.config_class), entries[-1]),
+                                      enum_to_str=True)
+        diffs = [f"{key}.{k}={want[k]!r} (the run has {have.get(k)!r})" for k in want if want[k] != have.get(k)]
+        if diffs:
+            raise ConfigError(f"resuming {checkpoint} with a different {key} config: {'; '.join(diffs)}. Resume with "
+                              "the run's own config, or start a new run (a new checkpoint.save, or train.resume=false).")
+
+
 def run_train(cfg: DictConfig) -> None:
     from nemo_quant.data.datasets import calibration_windows, training_windows
     from nemo_quant.models.loading import load_model
@@ -23,13 +48,17 @@ def run_train(cfg: DictConfig) -> None:
     from nemo_quant.preflight import preflight
     from nemo_quant.training.loop import TrainState, latest_checkpoint, make_optimizer, resume, train
 
+    from nemo_quant.checkpoint.model_checkpoint import read_modes
+
     save_dir = Path(cfg.checkpoint.save).expanduser()
+    previous = latest_checkpoint(save_dir) if cfg.train.resume else None
+    if previous is not None:
+        check_resume_modes(cfg, read_modes(previous), previous)
     with megatron_session(cfg):
-        previous = latest_checkpoint(save_dir) if cfg.train.resume else None
         if previous is not None:
             loaded = load_model(cfg.model.path, cfg.model.dtype.value, cfg.model.tokenizer, with_weights=False)
-            optimizer = make_optimizer(loaded.model, cfg.train.lr, cfg.train.weight_decay, cfg.train.adam_betas)
-            state = resume(loaded.model, optimizer, previous)
+            optimizer, state = resume(loaded.model, lambda m: make_optimizer(
+                m, cfg.train.lr, cfg.train.weight_decay, cfg.train.adam_betas), previous)
             preflight(loaded.model, loaded.source.arch, [], cfg.export)
             origin = f"resumed from {previous} (step {state.step})"
         else:
