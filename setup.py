@@ -39,7 +39,9 @@ setup(
         # transformers: an independent consumer of the unified HF export in the tests.
         # triton: its interpreter runs the GPU kernels' code on CPU in the tests.
         # compressed-tensors: its own decompressor reads our compressed-tensors export in the tests.
-        "test": ["pytest>=8", "lightning>=2.4,<2.5", "transformers>=4.56", "triton>=3.4,<4", "compressed-tensors"],
+        # bitsandbytes + peft: the oracle of our NF4 bytes and the consumers of the QLoRA exports.
+        "test": ["pytest>=8", "lightning>=2.4,<2.5", "transformers>=4.56", "triton>=3.4,<4", "compressed-tensors",
+                 "bitsandbytes", "peft"],
         # GPU-only; never installed in CI (transformer-engine cannot import without CUDA).
         "te": ["transformer-engine[pytorch]"],
     },

@@ -57,6 +57,14 @@ def smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_source(smollm2_path):
+    """SmolLM2-135M's tensors by Hugging Face name (dequantized from the shipped GGUF)."""
+    from nemo_quant.models.sources import open_source
+
+    return open_source(smollm2_path)
+
+
+@pytest.fixture(scope="session")
 def megatron_tp1():
     """Megatron parallel state (TP=1, world of one) in the test process itself."""
     from nemo_quant.runtime.distributed_init import ParallelLayout, init_megatron

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from nemo_quant.numerics.blocks import to_blocks
-from nemo_quant.numerics.nf4 import nf4_block_absmax, nf4_dequantize, nf4_quantize
+from nemo_quant.numerics.nf4 import (
+    dequantize_packed_reference, nf4_block_absmax, nf4_dequantize, nf4_quantize, pack_nf4,
+)
 from nemo_quant.quantization.fake_quant import fake_quant_ste, reference_fake_quant
 from tests.kernel_cases import DTYPES, SPECS, amax_for, spec_of, tensors
 
@@ -111,13 +113,16 @@ def test_absmax_equals_reference(backend, block):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_nf4_dequantize_equals_reference(backend, dtype):
+    """The QLoRA base's packed NF4 (two codes per byte, high nibble first) -> weights."""
     kernels, device = backend
-    w = torch.randn(24, 200)
+    w = torch.randn(24, 320)
     t = nf4_quantize(w)
-    codes = t.codes.reshape(-1, t.codes.shape[-1])
-    got = kernels.nf4_dequantize(codes.to(device), nf4_block_absmax(t).reshape(-1).to(device), 0, dtype).cpu()
-    want = nf4_dequantize(t, dtype)
-    _assert_same(got.reshape(24, -1)[:, :200], want, "nf4 dequantize")
+    packed = pack_nf4(t.codes.reshape(24, -1))
+    absmax = nf4_block_absmax(t).reshape(24, -1)
+    got = kernels.nf4_dequantize(packed.to(device), absmax.to(device), 64, dtype).cpu()
+    want = dequantize_packed_reference(packed, absmax, 64, dtype)
+    _assert_same(got, want, "nf4 dequantize")
+    assert torch.equal(want, nf4_dequantize(t, dtype))
 
 
 @pytest.mark.parametrize("ste", ["plain", "clipped"])
