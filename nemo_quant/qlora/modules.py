@@ -80,10 +80,16 @@ def convert_to_lora(model: nn.Module, name: str, module: nn.Module, cfg, weight_
     adapters.install_adapters(module, a_full, b_full, part_of_row, view, dtype, device)
     module._nq_lora_scaling = cfg.scaling
     module._nq_lora_dropout = cfg.dropout
-    module._nq_lora_seed = seed
+    module._nq_lora_seed = seed * 4099 + _data_parallel_rank()  # dropout: the same on TP ranks, not on DP replicas
     module._nq_nf4 = nf4
     module.__class__ = stacked_class(module, LoRALinearMixin, "LoRA")
     module._nq_nf4 = nf4  # instance attribute: the class default stays False
+
+
+def _data_parallel_rank() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_rank() if ps.model_parallel_is_initialized() else 0
 
 
 def _full_dequantized(module: nn.Module, view) -> torch.Tensor:

@@ -75,10 +75,11 @@ class LinearView:
 
     # -- results: this rank's share -------------------------------------------------------
     def local_columns(self, t: torch.Tensor) -> torch.Tensor:
-        """This rank's slice of the last (input) dim."""
+        """This rank's slice of the last (input) dim: of the weight's columns, or of anything laid
+        out along them in whole pieces (per-block scales of blocks that TP does not split)."""
         if not self.row_parallel or self.tp == 1:
             return t
-        local = self.module.input_size_per_partition
+        local = t.shape[-1] // self.tp
         start = local * _tp_rank(self.module)
         return t[..., start:start + local]
 
