@@ -16,6 +16,7 @@ splits every adapted Megatron linear into its Hugging Face projections (hf_parts
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from nemo_quant.numerics.nf4 import (
     NF4_BLOCK, NF4_CODEBOOK, NF4_SCALE_BLOCK, dequantize_packed_reference, double_dequantize, dynamic_map,
 )
 from nemo_quant.qlora.hf_parts import hf_modules, split_parts
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -153,15 +156,42 @@ class BnbNF4Writer(TensorsWriter):
 
 
 class MergedWriter(TensorsWriter):
+    """Writes the merge and measures what an NF4 re-quantization of it would keep of the adapters."""
+
     def __init__(self, *args, scaling: float, **kwargs):
         super().__init__(*args, **kwargs)
         self.scaling = scaling
+        self.lost_sq = self.update_sq = 0.0
 
     def layer(self, layer: QLoRALayer) -> None:
         layer.linears = {p: {"weight": w.to(self.dtype)} for p, w in layer.plain.items()}
         for proj, ql in layer.projs.items():
-            layer.linears[proj] = {"weight": merged_weight(ql, self.scaling).to(self.dtype)}
+            merged = merged_weight(ql, self.scaling)
+            self._measure(ql.base_weight(), merged)
+            layer.linears[proj] = {"weight": merged.to(self.dtype)}
         super().layer(layer)
+
+    def _measure(self, base: torch.Tensor, merged: torch.Tensor) -> None:
+        from nemo_quant.numerics.nf4 import fake_quant_nf4
+
+        update = merged - base
+        kept = fake_quant_nf4(merged) - fake_quant_nf4(base)
+        self.lost_sq += float((kept - update).double().pow(2).sum())
+        self.update_sq += float(update.double().pow(2).sum())
+
+    def nf4_update_loss(self) -> float | None:
+        """||NF4(W + dW) - NF4(W) - dW|| / ||dW|| over every adapted weight (None without an update)."""
+        return (self.lost_sq / self.update_sq) ** 0.5 if self.update_sq > 0 else None
+
+    def finish(self, summary, tokenizer, producer: dict) -> list[Path]:
+        files = super().finish(summary, tokenizer, producer)
+        loss = self.nf4_update_loss()
+        if loss is not None:
+            log.warning("merged export: re-quantizing this merge to NF4 would lose %.0f%% of the adapters' update "
+                        "(measured ||NF4(W + dW) - NF4(W) - dW|| / ||dW|| = %.3f over every adapted weight); quantize "
+                        "it with a finer format (fp8, int8, int4 AWQ) or serve the adapter unmerged (export=peft).",
+                        100 * min(loss, 1.0), loss)
+        return files
 
 
 def merged_weight(ql: QLoRALinear, scaling: float) -> torch.Tensor:

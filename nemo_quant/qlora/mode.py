@@ -18,6 +18,7 @@ from nemo_quant.modes import Mode, register_mode
 from nemo_quant.models.gemm_operands import megatron_type
 from nemo_quant.qlora.config import AdapterDType, AdapterInit, BaseFormat, QLoRAConfig
 from nemo_quant.runtime.distributed_init import is_main_rank
+from nemo_quant.utils.memory import release_freed_memory
 
 
 def validate_qlora_config(cfg: QLoRAConfig) -> None:
@@ -119,6 +120,7 @@ def _apply(model: nn.Module, cfg: QLoRAConfig) -> int:
     bar.close()
     for pname, p in model.named_parameters():
         p.requires_grad_(pname.endswith(("lora_A", "lora_B")))
+    release_freed_memory()  # the freed 16/32-bit weights leave the resident set
     if is_main_rank():
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"[nemo_quant] qlora ({BaseFormat(cfg.base_format).value} base, r={cfg.rank}, alpha={cfg.alpha}): "

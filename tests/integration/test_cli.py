@@ -215,3 +215,32 @@ def test_sparse_ptq_then_masked_fine_tune_then_export(tiny_dir, text_files, tmp_
     assert checked.returncode == 0, checked.stdout + checked.stderr
     config = json.loads((tmp_path / "ft_out" / "hf" / "config.json").read_text())
     assert config["sparsity_config"]["sparsity_structure"] == "2:4"
+
+
+def test_qlora_train_resume_and_export_from_the_command_line(text_files, tmp_path):
+    """`nemo-quant train qlora=nf4` fine-tunes, resumes, refuses a changed qlora config on resume,
+    and exports the bitsandbytes base + PEFT adapter; qlora with quant= is refused before work."""
+    from tests.tiny_models import QTINY, write_hf_checkpoint
+
+    model = write_hf_checkpoint(tmp_path / "qtiny", QTINY)
+    base = [f"model.path={model}", "model.name=qtiny", "data=files", f"data.eval_files=[{text_files / 'eval.txt'}]",
+            f"data.calib_files=[{text_files / 'calib.jsonl'}]", "data.seq_length=16", "data.eval_samples=2"]
+    cli = [sys.executable, "-m", "nemo_quant.cli.main"]
+    train_args = [*cli, "train", *base, "qlora=nf4", "qlora.rank=4", f"checkpoint.save={tmp_path / 'ck'}",
+                  "train.steps=4", "train.save_every=2", "train.seq_length=16", "train.lr=1e-3"]
+    first = _run([*train_args, f"hydra.run.dir={tmp_path / 'r1'}"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "nf4 applied" in first.stdout and "modes               qlora" in first.stdout
+    changed = _run([*train_args, "qlora.rank=8", "train.steps=6", f"hydra.run.dir={tmp_path / 'r2'}"])
+    assert changed.returncode != 0
+    assert "qlora.rank=8 (the run has 4)" in changed.stderr
+    resumed = _run([*train_args, "train.steps=6", "export=peft", f"export.path={tmp_path / 'out'}",
+                    f"hydra.run.dir={tmp_path / 'r3'}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "(step 4)" in resumed.stdout
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
+    assert json.loads((tmp_path / "out" / "base" / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    both = _run([*cli, "train", *base, "qlora=nf4", "quant=int4_awq", f"checkpoint.save={tmp_path / 'x'}",
+                 f"hydra.run.dir={tmp_path / 'r4'}"])
+    assert both.returncode != 0 and "quant=int4_awq and qlora=nf4 would both quantize the same weights" in both.stderr
+    assert not (tmp_path / "x").exists()
