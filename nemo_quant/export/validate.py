@@ -368,8 +368,20 @@ def _check_trtllm_sparsity(directory: Path, block: dict, quant: QuantBlock, tp: 
 
 
 def validate_checkpoint(directory: str | Path) -> Report:
+    from nemo_quant.export.validate_qlora import is_bnb_nf4, validate_bnb_nf4, validate_peft
+
     directory = Path(directory)
     report = Report()
+    if (directory / "adapter_config.json").is_file():
+        validate_peft(directory, report)
+        return report
+    if (directory / "base").is_dir() and (directory / "adapter").is_dir():  # export.format=peft: both halves
+        base, adapter = validate_checkpoint(directory / "base"), validate_checkpoint(directory / "adapter")
+        report.kind = f"{base.kind} + {adapter.kind}"
+        report.tensors = base.tensors + adapter.tensors
+        report.errors = [f"base: {e}" for e in base.errors] + [f"adapter: {e}" for e in adapter.errors]
+        report.warnings = base.warnings + adapter.warnings
+        return report
     if not (directory / "config.json").is_file():
         report.errors.append(f"{directory}: no config.json (not a checkpoint directory)")
         return report
@@ -377,6 +389,9 @@ def validate_checkpoint(directory: str | Path) -> Report:
     if "architecture" in config and (directory / "rank0.safetensors").is_file():
         report.kind = "trtllm"
         validate_trtllm(directory, report)
+    elif is_bnb_nf4(config):
+        report.kind = "bitsandbytes-nf4"
+        validate_bnb_nf4(directory, config, report)
     else:
         report.kind = "compressed-tensors" if is_compressed_tensors(config) else "hf"
         validate_hf(directory, report)

@@ -24,14 +24,14 @@ import torch
 
 from nemo_quant.export.gather import LayerPiece
 from nemo_quant.export.hf import HFWriter
-from nemo_quant.export.hf_layout import NORMS
+from nemo_quant.export.hf_layout import NORMS, SPLITS
 from nemo_quant.models.arch import LlamaArch
 from nemo_quant.models.loading import DTYPE_NAMES
 from nemo_quant.numerics.blocks import num_blocks
 from nemo_quant.numerics.nf4 import (
     NF4_BLOCK, NF4_CODEBOOK, NF4_SCALE_BLOCK, dequantize_packed_reference, double_dequantize, dynamic_map,
 )
-from nemo_quant.qlora.hf_parts import hf_modules, split_parts
+from nemo_quant.qlora.hf_parts import split_parts
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,6 @@ class QLoRALayer:
 
 
 def convert_qlora_layer(piece: LayerPiece, arch: LlamaArch) -> QLoRALayer:
-    from nemo_quant.export.hf_layout import SPLITS
-
     t = piece.tensors
     layer = QLoRALayer(piece.index, {hf: t[mg] for mg, hf in NORMS.items()})
     for megatron, projs in SPLITS.items():
@@ -89,7 +87,7 @@ def convert_qlora_layer(piece: LayerPiece, arch: LlamaArch) -> QLoRALayer:
             split_parts(t[f"{megatron}.weight"], megatron, arch, gated)
         b_parts = split_parts(b, megatron, arch, gated)
         a_parts = a.chunk(len(b_parts), dim=0)
-        for proj, base, ap, bp in zip(hf_modules(megatron), bases, a_parts, b_parts):
+        for proj, base, ap, bp in zip(projs, bases, a_parts, b_parts):
             layer.projs[proj] = QLoRALinear(base, ap, bp)
     return layer
 

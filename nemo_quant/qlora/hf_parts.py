@@ -2,8 +2,9 @@
 
 QLoRA quantizes, and PEFT names adapters, per Hugging Face tensor: linear_qkv holds q, k and
 v (rows grouped per KV group, models/megatron_layout.py), a gated linear_fc1 holds gate and
-up; every other linear is one tensor. These two functions are the only place that splits or
-joins them; they reuse the layout rules of `megatron_layout` rather than restating them.
+up; every other linear is one tensor (their HF names: export/hf_layout.py SPLITS). These two
+functions split and join any tensor laid out along the weight's rows (codes, scales, adapter
+B, part ids) with the layout rules of `megatron_layout` rather than restating them.
 """
 from __future__ import annotations
 
@@ -13,19 +14,8 @@ from nemo_quant.models.arch import LlamaArch
 from nemo_quant.models.megatron_layout import interleave_qkv, split_qkv
 
 
-
 def leaf_of(name: str) -> str:
     return name.rsplit(".", 1)[-1]
-
-
-def hf_modules(name: str) -> tuple[str, ...]:
-    """The Hugging Face projections of Megatron linear `name` (..."self_attention.linear_qkv")."""
-    from nemo_quant.export.hf_layout import SPLITS
-
-    key = ".".join(name.split(".")[-2:])
-    if key not in SPLITS:
-        raise KeyError(f"{name}: no Hugging Face module for a Megatron {key!r} layer")
-    return SPLITS[key]
 
 
 def split_parts(full: torch.Tensor, name: str, arch: LlamaArch, gated: bool) -> list[torch.Tensor]:

@@ -115,7 +115,7 @@ def _apply(model: nn.Module, cfg: QLoRAConfig) -> int:
     plan = plan_qlora(model, cfg)
     bar = progress(len(plan.layers), "qlora", unit="layer")
     for name, module in plan.layers:
-        convert_to_lora(model, name, module, cfg, axes[megatron_type(module)])
+        convert_to_lora(name, module, cfg, axes[megatron_type(module)])
         bar.update(1)
     bar.close()
     for pname, p in model.named_parameters():

@@ -49,7 +49,7 @@ class LoRALinearMixin(GemmOperandsMixin):
         return [*super().swiglu_row_keys(), *keys]
 
 
-def convert_to_lora(model: nn.Module, name: str, module: nn.Module, cfg, weight_tp_axis: int) -> None:
+def convert_to_lora(name: str, module: nn.Module, cfg, weight_tp_axis: int) -> None:
     """Freeze the base (NF4 or as loaded), add adapters, swap the class. `name`: the global name."""
     from nemo_quant.models.arch import arch_of_config
     from nemo_quant.qlora.config import AdapterDType, AdapterInit, BaseFormat

@@ -56,3 +56,21 @@ def test_resume_after_a_crash_repeats_the_losses(qtiny_dir, tmp_path):
     resumed = run_distributed(qlora_workers.qlora_run, 1, *args, str(tmp_path / "b"))[0][0]
     assert resumed == straight
     assert len(set(straight)) == len(straight)  # it trained
+
+
+def test_tp_slices_that_split_nf4_blocks_are_refused_on_every_rank(tmp_path):
+    """hidden 192: o_proj's 192 inputs are whole blocks at TP=1, but 96 per rank at TP=2."""
+    from nemo_quant.models.arch import LlamaArch
+    from tests.tiny_models import write_hf_checkpoint
+
+    arch = LlamaArch(num_layers=2, hidden_size=192, num_attention_heads=6, num_query_groups=2, ffn_hidden_size=384,
+                     vocab_size=257, max_position_embeddings=128, rotary_base=10000.0, norm_eps=1e-5,
+                     tie_word_embeddings=True)
+    path = str(write_hf_checkpoint(tmp_path / "hf", arch))
+    assert run_distributed(qlora_workers.qlora_preflight_message, 1, path, 1, {}) == [None]
+    messages = run_distributed(qlora_workers.qlora_preflight_message, 2, path, 2, {})
+    assert messages[0] == messages[1]
+    assert "linear_proj: at this TP each rank holds 96 of its 192 input columns" in messages[0]
+    assert "parallel.tp" in messages[0]
+    # a plain LoRA has no blocks: the same layout is fine
+    assert run_distributed(qlora_workers.qlora_preflight_message, 2, path, 2, {"base_format": "none"}) == [None, None]

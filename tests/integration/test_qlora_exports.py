@@ -53,6 +53,10 @@ def test_bitsandbytes_base_and_peft_adapter_reproduce_our_logits(qlora_model, qt
         assert torch.equal(stored[name], packed) and torch.equal(stored[name + ".absmax"], state.absmax)
         assert torch.equal(stored[name + ".nested_absmax"], state.state2.absmax)
 
+    from nemo_quant.export.validate import validate_checkpoint
+
+    report = validate_checkpoint(out)
+    assert report.ok and report.kind == "bitsandbytes-nf4 + peft-adapter", report.errors
     base, peft_model = hf_qlora_model(out)
     batch = tokens(5)
     ours = logits(loaded.model, batch)
@@ -118,3 +122,23 @@ def test_peft_export_of_a_model_without_adapters_is_refused(megatron_tp1, qtiny_
     loaded = load_model(str(qtiny_dir))
     with pytest.raises(ExportError, match="export.format=peft writes LoRA adapters, and this model has none"):
         export_checkpoint(loaded.model, loaded.source.arch, ExportConfig(format="peft", path=str(tmp_path / "x")))
+
+
+def test_validator_catches_a_damaged_qlora_export(qlora_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from nemo_quant.export.validate import validate_checkpoint
+
+    loaded = qlora_model
+    out = tmp_path / "peft"
+    export_checkpoint(loaded.model, loaded.source.arch, ExportConfig(format="peft", path=str(out)))
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    name = "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"
+    adapter[name] = adapter[name][:, :-64].contiguous()  # a wrong rank-split of the input dim
+    save_file(adapter, str(out / "adapter" / "adapter_model.safetensors"))
+    base = load_file(str(out / "base" / "model.safetensors"))
+    del base["model.layers.0.self_attn.q_proj.weight.nested_absmax"]
+    save_file(base, str(out / "base" / "model.safetensors"))
+    report = validate_checkpoint(out)
+    assert any("down_proj.lora_A.weight has shape [8, 320]" in e for e in report.errors), report.errors
+    assert any("missing tensor model.layers.0.self_attn.q_proj.weight.nested_absmax" in e for e in report.errors)

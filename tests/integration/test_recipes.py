@@ -24,3 +24,21 @@ def test_sparse_finetune_fp8_recipe(tiny_dir, tmp_path):
     config = json.loads((tmp_path / "out" / "deploy" / "hf" / "config.json").read_text())
     assert config["quantization_config"]["quant_algo"] == "FP8"
     assert config["sparsity_config"]["sparsity_structure"] == "2:4"
+
+
+def test_qlora_merge_ptq_recipe(tmp_path):
+    from tests.tiny_models import QTINY, write_hf_checkpoint
+
+    model = write_hf_checkpoint(tmp_path / "qtiny", QTINY)
+    (tmp_path / "text.txt").write_text("It is a truth universally acknowledged, that a single man in possession. " * 40)
+    data = [f"data.eval_files=[{tmp_path / 'text.txt'}]", f"data.calib_files=[{tmp_path / 'text.txt'}]",
+            "data=files", "data.seq_length=16", "data.eval_samples=2", "data.calib_samples=4", "train.seq_length=16",
+            "model.name=qtiny", f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(tmp_path / "out"), "STEPS": "3", "MODEL": str(model),
+           "NQ": f"{sys.executable} -m nemo_quant.cli.main"}
+    result = subprocess.run(["bash", str(RECIPES / "qlora_merge_ptq.sh"), *data], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "bitsandbytes-nf4 + peft-adapter checkpoint" in result.stdout
+    config = json.loads((tmp_path / "out" / "deploy" / "config.json").read_text())
+    assert config["quantization_config"]["quant_algo"] == "W4A16_AWQ"
