@@ -133,6 +133,11 @@ def child_bnb(hf_dir: str, steps: int, windows: int) -> dict:
                                                              "up_proj", "down_proj"]))
     apply_s = time.perf_counter() - start
     linear = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for m in linear:
+        # bnb's CPU inference path (AVX512-BF16 CPUs, no grad) repacks the weight for its own kernel
+        # on the first eval forward; training on the repacked weight afterwards diverges (measured:
+        # loss 3.26 -> 7.54, perplexity 1792). Evaluation and training both take the dequantize path.
+        m.support_avx512bf16_for_cpu = False
     weights = sum(m.weight.numel() * 2 for m in linear)
     bits = sum(8 * (m.weight.numel() + m.weight.quant_state.absmax.numel()) + 32 * (
         m.weight.quant_state.state2.absmax.numel() + 1) for m in linear)
@@ -200,7 +205,8 @@ def main() -> None:
         return
 
     RESULTS.mkdir(exist_ok=True)
-    rows = []
+    previous = json.loads((RESULTS / "qlora.json").read_text())["runs"] if (RESULTS / "qlora.json").is_file() else []
+    rows = [r for r in previous if r["key"] not in args.runs.split(",")]  # runs not re-run now are kept
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = Path(tmp) / "smollm2_hf"
         if "bnb_peft" in args.runs:
@@ -221,6 +227,7 @@ def main() -> None:
                         f"r {RANK}, alpha {ALPHA}, every decoder linear; Persuasion {args.windows} x 512",
             "machine": f"{platform.machine()} {psutil.cpu_count()} cpus, torch threads {torch.get_num_threads()}",
             "fp32 baseline perplexity": 37.033}
+    rows.sort(key=lambda r: list(RUNS).index(r["key"]))
     (RESULTS / "qlora.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=2))
     lines = ["| run | base bits/param | ppl untrained | ppl after | median step (s) | peak RSS training (GiB) | "
              "peak RSS process (GiB) |", "|---|---|---|---|---|---|---|"]

@@ -6,14 +6,12 @@ shapes and the adapters, then fills them with the saved bytes.
 """
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 
-import torch
-import torch.distributed as dist
 from torch import nn
 
 from nemo_quant.config.validate import ConfigError
+from nemo_quant.mode_patterns import hits_on_all_ranks, linear_tp_axes, matching
 from nemo_quant.modes import Mode, register_mode
 from nemo_quant.models.gemm_operands import megatron_type
 from nemo_quant.qlora.config import AdapterDType, AdapterInit, BaseFormat, QLoRAConfig
@@ -36,12 +34,6 @@ def validate_qlora_config(cfg: QLoRAConfig) -> None:
                           "qlora.base_format=none has none; use qlora.init=standard.")
 
 
-def _axes() -> dict[type, int]:
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-
-    return {ColumnParallelLinear: 0, RowParallelLinear: 1}
-
-
 @dataclass
 class QLoRAPlan:
     layers: list[tuple[str, nn.Module]] = field(default_factory=list)  # (global name, module)
@@ -53,13 +45,13 @@ def plan_qlora(model: nn.Module, cfg: QLoRAConfig) -> QLoRAPlan:
     from nemo_quant.qlora.modules import LoRALinearMixin
     from nemo_quant.quantization.modules import global_name
 
-    axes = _axes()
+    axes = linear_tp_axes()
     plan = QLoRAPlan(target_hits=[0] * len(cfg.targets))
     for local_name, module in model.named_modules():
         if megatron_type(module) not in axes or isinstance(module, LoRALinearMixin):
             continue
         name = global_name(model, local_name)
-        hits = [i for i, p in enumerate(cfg.targets) if fnmatch.fnmatchcase(name, p)]
+        hits = matching(name, cfg.targets)
         for i in hits:
             plan.target_hits[i] += 1
         if not hits:
@@ -91,16 +83,7 @@ def _check_layer(name: str, module: nn.Module, axis: int, cfg: QLoRAConfig) -> N
 def _check(model: nn.Module, cfg: QLoRAConfig) -> None:
     """Every rank plans its own stage; target hit counts are summed over all ranks (patterns may
     match another stage's layers only) even when this rank's plan failed, so no rank waits."""
-    problem, hits = None, [0] * len(cfg.targets)
-    try:
-        hits = plan_qlora(model, cfg).target_hits
-    except ConfigError as e:
-        problem = str(e)
-    counts = torch.tensor(hits + [0], dtype=torch.int64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(counts)
-    if problem is not None:
-        raise ConfigError(problem)
+    counts = hits_on_all_ranks(lambda: plan_qlora(model, cfg).target_hits, len(cfg.targets))
     for i, pattern in enumerate(cfg.targets):
         if counts[i] == 0:
             raise ConfigError(f"qlora.targets[{i}]={pattern!r} matches no linear layer; module names look like "
@@ -111,7 +94,7 @@ def _apply(model: nn.Module, cfg: QLoRAConfig) -> int:
     from nemo_quant.qlora.modules import convert_to_lora
     from nemo_quant.utils.progress import progress
 
-    axes = _axes()
+    axes = linear_tp_axes()
     plan = plan_qlora(model, cfg)
     bar = progress(len(plan.layers), "qlora", unit="layer")
     for name, module in plan.layers:

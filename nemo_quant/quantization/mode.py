@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import logging
 
-import torch
-import torch.distributed as dist
 from torch import nn
 
 from nemo_quant.config.validate import ConfigError
+from nemo_quant.mode_patterns import hits_on_all_ranks
 from nemo_quant.modes import Mode, register_mode
 from nemo_quant.quantization.config import QuantConfig
 from nemo_quant.quantization.kernel_dispatch import set_kernel_policy
@@ -22,17 +21,11 @@ def _check(model: nn.Module, cfg: QuantConfig) -> None:
     """Every pattern must match somewhere (under PP, perhaps on another stage's layers only)
     and every planned conversion must fit the module's shapes. The hit counts are reduced on
     every rank even when this rank's plan failed, so no rank waits on a collective."""
-    problem = None
-    try:
+    def plan() -> list[int]:
         _, report = plan_conversion(model, cfg)
-        counts = report.pattern_hits + report.override_hits
-    except ConfigError as e:
-        problem, counts = str(e), [0] * (len(cfg.exclude) + len(cfg.overrides))
-    hits = torch.tensor(counts + [0], dtype=torch.int64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(hits)
-    if problem is not None:
-        raise ConfigError(problem)
+        return report.pattern_hits + report.override_hits
+
+    hits = hits_on_all_ranks(plan, len(cfg.exclude) + len(cfg.overrides))
     _check_fold(model, cfg)
     keys = [f"quant.exclude[{i}]={p!r}" for i, p in enumerate(cfg.exclude)]
     keys += [f"quant.overrides[{i}].pattern={o.pattern!r}" for i, o in enumerate(cfg.overrides)]

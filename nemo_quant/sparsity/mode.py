@@ -2,15 +2,14 @@
 are chosen by `sparsify`, or loaded from a checkpoint)."""
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
 from torch import nn
 
 from nemo_quant.config.validate import ConfigError
+from nemo_quant.mode_patterns import hits_on_all_ranks, linear_tp_axes
 from nemo_quant.modes import Mode, register_mode
 from nemo_quant.runtime.distributed_init import is_main_rank
 from nemo_quant.sparsity.config import SparsityConfig, SparsityMethod
-from nemo_quant.sparsity.modules import tp_axes, convert_to_sparse, megatron_type, plan_sparsity
+from nemo_quant.sparsity.modules import convert_to_sparse, megatron_type, plan_sparsity
 
 
 def validate_sparsity_config(cfg: SparsityConfig) -> None:
@@ -32,20 +31,12 @@ def validate_sparsity_config(cfg: SparsityConfig) -> None:
 
 
 def _check(model: nn.Module, cfg: SparsityConfig) -> None:
-    """Shape rules on every rank; exclude patterns must match somewhere in the pipeline (hit
-    counts reduced over all ranks even when this rank's check failed, so no rank waits)."""
-    problem, hits = None, [0] * len(cfg.exclude)
-    try:
-        plan = plan_sparsity(model, cfg)
-        hits = plan.exclude_hits
-        layers = len(plan.layers)
-    except ConfigError as e:
-        problem, layers = str(e), 0
-    counts = torch.tensor(hits + [layers], dtype=torch.int64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(counts)
-    if problem is not None:
-        raise ConfigError(problem)
+    """Shape rules on every rank; exclude patterns must match somewhere in the pipeline."""
+    def plan() -> list[int]:
+        p = plan_sparsity(model, cfg)
+        return [*p.exclude_hits, len(p.layers)]
+
+    counts = hits_on_all_ranks(plan, len(cfg.exclude) + 1)
     for i, pattern in enumerate(cfg.exclude):
         if counts[i] == 0:
             raise ConfigError(f"sparsity.exclude[{i}]={pattern!r} matches no linear layer; module names look like "
@@ -55,7 +46,7 @@ def _check(model: nn.Module, cfg: SparsityConfig) -> None:
 
 
 def _apply(model: nn.Module, cfg: SparsityConfig) -> int:
-    axes = tp_axes()
+    axes = linear_tp_axes()
     plan = plan_sparsity(model, cfg)
     for name, module in plan.layers:
         convert_to_sparse(module, name, axes[megatron_type(module)])

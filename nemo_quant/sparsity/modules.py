@@ -9,13 +9,13 @@ stacked on top sees the masked weight, so no scale can revive a pruned weight.
 """
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from nemo_quant.config.validate import ConfigError
+from nemo_quant.mode_patterns import linear_tp_axes, matching
 from nemo_quant.models.gemm_operands import GemmOperandsMixin, mark_linear_layout, megatron_type, stacked_class
 from nemo_quant.sparsity.config import SparsityConfig
 
@@ -38,12 +38,6 @@ class SparseLinearMixin(GemmOperandsMixin):
             self.weight.mul_(self.sparse_mask.to(self.weight.dtype))
 
 
-def tp_axes() -> dict[type, int]:
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-
-    return {ColumnParallelLinear: 0, RowParallelLinear: 1}
-
-
 def global_module_name(model: nn.Module, name: str) -> str:
     from nemo_quant.quantization.modules import global_name
 
@@ -59,13 +53,13 @@ class SparsityPlan:
 def plan_sparsity(model: nn.Module, cfg: SparsityConfig) -> SparsityPlan:
     """The decoder/output linear layers the mode prunes, with the shape checks that refuse a
     layer (run by the preflight before any work)."""
-    axes = tp_axes()
+    axes = linear_tp_axes()
     plan = SparsityPlan(exclude_hits=[0] * len(cfg.exclude))
     for local_name, module in model.named_modules():
         if megatron_type(module) not in axes or isinstance(module, SparseLinearMixin):
             continue
         name = global_module_name(model, local_name)
-        hits = [i for i, p in enumerate(cfg.exclude) if fnmatch.fnmatchcase(name, p)]
+        hits = matching(name, cfg.exclude)
         for i in hits:
             plan.exclude_hits[i] += 1
         if hits:
