@@ -52,10 +52,9 @@ def install_adapters(module: nn.Module, a_full: torch.Tensor, b_full: torch.Tens
     module.register_buffer(DROPOUT_CALLS, torch.zeros((), dtype=torch.int64, device=device))
     local_parts = part_of_row if view.row_parallel else view.local_rows(part_of_row)
     parts = int(part_of_row.max()) + 1
-    rows = [torch.nonzero(local_parts == p).flatten() for p in range(parts)]
-    order = torch.cat(rows)
-    module._nq_lora_rows = [r.to(device) for r in rows] if parts > 1 else None
-    module._nq_lora_unpermute = torch.argsort(order).to(device) if parts > 1 else None
+    module._nq_lora_parts = parts
+    module.register_buffer("_nq_lora_part_of_row", local_parts.to(device=device, dtype=torch.long), persistent=False)
+    module.register_buffer("_nq_lora_rows", torch.arange(local_parts.numel(), device=device), persistent=False)
 
 
 def _dropout(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -76,14 +75,17 @@ def lora_delta(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     )
 
     a, b = module.lora_A, module.lora_B
-    h = nn.functional.linear(_dropout(module, x).to(a.dtype), a)
+    # the scaling multiplies the rank-r A-output, not the (much wider) layer output
+    h = nn.functional.linear(_dropout(module, x).to(a.dtype), a) * module._nq_lora_scaling
     if module._nq_weight_tp_axis == 1:
         h = reduce_from_tensor_model_parallel_region(h, group=module.tp_group)
     else:
         h = copy_to_tensor_model_parallel_region(h, group=module.tp_group)
-    if module._nq_lora_rows is None:
-        return nn.functional.linear(h, b) * module._nq_lora_scaling
-    # Part p's rows read the p-th r columns of h; computed part by part, then put back in row order.
-    pieces = [nn.functional.linear(hp, b.index_select(0, rows))
-              for hp, rows in zip(h.chunk(len(module._nq_lora_rows), dim=-1), module._nq_lora_rows)]
-    return torch.cat(pieces, dim=-1).index_select(-1, module._nq_lora_unpermute) * module._nq_lora_scaling
+    parts = module._nq_lora_parts
+    if parts > 1:
+        # Row i reads the r columns of its own part: B as a block-diagonal [out, P*r] (built from
+        # B, so gradients reach B only), one GEMM whose output is already in the layer's row order.
+        rows = module._nq_lora_rows
+        b = b.new_zeros(b.shape[0], parts, b.shape[1]).index_put((rows, module._nq_lora_part_of_row), b)
+        b = b.reshape(b.shape[0], -1)
+    return nn.functional.linear(h, b)

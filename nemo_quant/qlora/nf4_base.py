@@ -86,11 +86,17 @@ def install_base(module: nn.Module, buffers: dict[str, torch.Tensor]) -> None:
 
 
 def block_absmax(module: nn.Module) -> torch.Tensor:
-    """fp32 absmax of every local block: dynamic_map[code] * nested + offset (bnb's order)."""
-    nested = module.nf4_nested_absmax
-    offset = module.nf4_offset[module.nf4_part_of_nested]
-    index = module.nf4_nested_index.long()
-    return dynamic_map().to(nested.device)[module.nf4_absmax.long()] * nested[index] + offset[index]
+    """fp32 absmax of every local block: dynamic_map[code] * nested + offset (bnb's order).
+    Cached (one fp32 per 64 weights) until a buffer it reads changes (a checkpoint load, a move)."""
+    buffers = (module.nf4_absmax, module.nf4_nested_absmax, module.nf4_offset)
+    key = tuple((t._version, t.data_ptr()) for t in buffers)
+    if module.__dict__.get("_nq_absmax_key") != key:
+        nested = module.nf4_nested_absmax
+        offset = module.nf4_offset[module.nf4_part_of_nested]
+        index = module.nf4_nested_index.long()
+        absmax = dynamic_map().to(nested.device)[module.nf4_absmax.long()] * nested[index] + offset[index]
+        module.__dict__["_nq_absmax"], module.__dict__["_nq_absmax_key"] = absmax, key
+    return module.__dict__["_nq_absmax"]
 
 
 def dequantize_base(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
