@@ -8,7 +8,7 @@ pipeline: every rank counts hits on its own stage and `hits_on_all_ranks` sums t
 from __future__ import annotations
 
 import fnmatch
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -26,6 +26,19 @@ def linear_tp_axes() -> dict[type, int]:
 def matching(name: str, patterns: list[str]) -> list[int]:
     """Indices of the patterns that match module `name`."""
     return [i for i, p in enumerate(patterns) if fnmatch.fnmatchcase(name, p)]
+
+
+def linears_with_hits(model, patterns: list[str], skip: type) -> Iterator[tuple[str, object, int, list[int]]]:
+    """(global name, module, weight TP axis, indices of the patterns it matches) of every Megatron
+    Column/RowParallelLinear of this rank's stage that a mode has not converted yet (`skip`)."""
+    from nemo_quant.models.gemm_operands import megatron_type
+    from nemo_quant.quantization.modules import global_name
+
+    axes = linear_tp_axes()
+    for local_name, module in model.named_modules():
+        if megatron_type(module) in axes and not isinstance(module, skip):
+            name = global_name(model, local_name)
+            yield name, module, axes[megatron_type(module)], matching(name, patterns)
 
 
 def hits_on_all_ranks(plan: Callable[[], list[int]], count: int) -> list[int]:

@@ -64,16 +64,3 @@ def qlora_restored_logits(checkpoint: str, tp: int, pp: int, evals: torch.Tensor
     init_megatron(ParallelLayout(tp, pp), timeout_s=120)
     return logits(load_model_checkpoint(checkpoint), evals)
 
-
-def qlora_preflight_message(model_path: str, tp: int, qlora_cfg: dict) -> str | None:
-    from nemo_quant.models.loading import load_model
-    from nemo_quant.preflight import PreflightError, preflight
-    from nemo_quant.runtime.distributed_init import ParallelLayout, init_megatron
-
-    init_megatron(ParallelLayout(tp, 1), timeout_s=120)
-    loaded = load_model(model_path)
-    try:
-        preflight(loaded.model, loaded.source.arch, [("qlora", qlora_cfg)])
-    except PreflightError as e:
-        return str(e)
-    return None

@@ -385,7 +385,8 @@ def restored_sparse_state(checkpoint: str, tp: int, pp: int = 1):
     return _sparse_state(load_model_checkpoint(checkpoint))
 
 
-def sparsity_preflight_message(model_path: str, tp: int, sparsity_cfg: dict) -> str | None:
+def mode_preflight_message(model_path: str, tp: int, mode: str, cfg: dict) -> str | None:
+    """The preflight's refusal of applying `mode` with `cfg` at TP=tp (None if it passes)."""
     from nemo_quant.models.loading import load_model
     from nemo_quant.preflight import PreflightError, preflight
     from nemo_quant.runtime.distributed_init import ParallelLayout, init_megatron
@@ -393,7 +394,7 @@ def sparsity_preflight_message(model_path: str, tp: int, sparsity_cfg: dict) -> 
     init_megatron(ParallelLayout(tp, 1), timeout_s=120)
     loaded = load_model(model_path)
     try:
-        preflight(loaded.model, loaded.source.arch, [("sparsity", sparsity_cfg)])
+        preflight(loaded.model, loaded.source.arch, [(mode, cfg)])
     except PreflightError as e:
         return str(e)
     return None

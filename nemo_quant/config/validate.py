@@ -88,9 +88,10 @@ def _validate_qlora(cfg: DictConfig) -> None:
     if cfg.sparsity is not None:
         raise ConfigError("sparsity and qlora in one job: the NF4 base would not keep the sparsity masks; "
                           "remove sparsity=... or qlora=...")
-    if cfg.command not in ("train", "export", "eval"):
+    if cfg.command != "train":
         raise ConfigError(f"qlora={cfg.qlora.name} trains adapters: run `nemo-quant train qlora=... "
-                          "checkpoint.save=<dir>` (not `nemo-quant {cfg.command.value}`).")
+                          f"checkpoint.save=<dir>`; `nemo-quant {cfg.command.value}` takes the trained model with "
+                          "checkpoint.load=<dir>/step_N (drop qlora=...).")
     validate_qlora_config(OmegaConf.to_object(cfg.qlora))
 
 

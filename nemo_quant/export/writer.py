@@ -161,7 +161,8 @@ def export_checkpoint(model, arch: LlamaArch, cfg: ExportConfig, tokenizer=None)
                                          "to export.path.")
     result.seconds = time.perf_counter() - start
     result.quant_algo = summary.quant_algo if is_main_rank() else None
-    if qlora is not None and cfg.format == ExportTarget.peft and getattr(qlora.base_format, "value", qlora.base_format) == "nf4":
+    if is_main_rank() and qlora is not None and cfg.format == ExportTarget.peft and \
+            getattr(qlora.base_format, "value", qlora.base_format) == "nf4":
         result.quant_algo = "NF4 (bitsandbytes, double quantization)"
     if is_main_rank():
         result.files = [result.path / f.relative_to(staging) for f in result.files]

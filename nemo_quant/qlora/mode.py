@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from nemo_quant.config.validate import ConfigError
-from nemo_quant.mode_patterns import hits_on_all_ranks, linear_tp_axes, matching
+from nemo_quant.mode_patterns import hits_on_all_ranks, linear_tp_axes, linears_with_hits
 from nemo_quant.modes import Mode, register_mode
 from nemo_quant.models.gemm_operands import megatron_type
 from nemo_quant.qlora.config import AdapterDType, AdapterInit, BaseFormat, QLoRAConfig
@@ -43,15 +43,9 @@ class QLoRAPlan:
 def plan_qlora(model: nn.Module, cfg: QLoRAConfig) -> QLoRAPlan:
     """The layers the mode converts, with the checks that refuse one (run before any work)."""
     from nemo_quant.qlora.modules import LoRALinearMixin
-    from nemo_quant.quantization.modules import global_name
 
-    axes = linear_tp_axes()
     plan = QLoRAPlan(target_hits=[0] * len(cfg.targets))
-    for local_name, module in model.named_modules():
-        if megatron_type(module) not in axes or isinstance(module, LoRALinearMixin):
-            continue
-        name = global_name(model, local_name)
-        hits = matching(name, cfg.targets)
+    for name, module, axis, hits in linears_with_hits(model, cfg.targets, LoRALinearMixin):
         for i in hits:
             plan.target_hits[i] += 1
         if not hits:
@@ -60,7 +54,7 @@ def plan_qlora(model: nn.Module, cfg: QLoRAConfig) -> QLoRAPlan:
             raise ConfigError(f"qlora.targets[{hits[0]}]={cfg.targets[hits[0]]!r} matches output_layer: adapters on "
                               "the vocabulary-parallel output layer are not supported; target decoder layers "
                               "('decoder.layers.*').")
-        _check_layer(name, module, axes[megatron_type(module)], cfg)
+        _check_layer(name, module, axis, cfg)
         plan.layers.append((name, module))
     return plan
 

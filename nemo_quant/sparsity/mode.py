@@ -9,7 +9,8 @@ from nemo_quant.mode_patterns import hits_on_all_ranks, linear_tp_axes
 from nemo_quant.modes import Mode, register_mode
 from nemo_quant.runtime.distributed_init import is_main_rank
 from nemo_quant.sparsity.config import SparsityConfig, SparsityMethod
-from nemo_quant.sparsity.modules import convert_to_sparse, megatron_type, plan_sparsity
+from nemo_quant.models.gemm_operands import megatron_type
+from nemo_quant.sparsity.modules import convert_to_sparse, plan_sparsity
 
 
 def validate_sparsity_config(cfg: SparsityConfig) -> None:

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from nemo_quant.config.validate import ConfigError
-from nemo_quant.mode_patterns import linear_tp_axes, matching
-from nemo_quant.models.gemm_operands import GemmOperandsMixin, mark_linear_layout, megatron_type, stacked_class
+from nemo_quant.mode_patterns import linears_with_hits
+from nemo_quant.models.gemm_operands import GemmOperandsMixin, mark_linear_layout, stacked_class
 from nemo_quant.sparsity.config import SparsityConfig
 
 MASK = "sparse_mask"
@@ -38,12 +38,6 @@ class SparseLinearMixin(GemmOperandsMixin):
             self.weight.mul_(self.sparse_mask.to(self.weight.dtype))
 
 
-def global_module_name(model: nn.Module, name: str) -> str:
-    from nemo_quant.quantization.modules import global_name
-
-    return global_name(model, name)
-
-
 @dataclass
 class SparsityPlan:
     layers: list[tuple[str, nn.Module]] = field(default_factory=list)  # (global name, module)
@@ -53,18 +47,13 @@ class SparsityPlan:
 def plan_sparsity(model: nn.Module, cfg: SparsityConfig) -> SparsityPlan:
     """The decoder/output linear layers the mode prunes, with the shape checks that refuse a
     layer (run by the preflight before any work)."""
-    axes = linear_tp_axes()
     plan = SparsityPlan(exclude_hits=[0] * len(cfg.exclude))
-    for local_name, module in model.named_modules():
-        if megatron_type(module) not in axes or isinstance(module, SparseLinearMixin):
-            continue
-        name = global_module_name(model, local_name)
-        hits = matching(name, cfg.exclude)
+    for name, module, axis, hits in linears_with_hits(model, cfg.exclude, SparseLinearMixin):
         for i in hits:
             plan.exclude_hits[i] += 1
         if hits:
             continue
-        _check_layer(model, name, module, axes[megatron_type(module)], cfg)
+        _check_layer(model, name, module, axis, cfg)
         plan.layers.append((name, module))
     return plan
 

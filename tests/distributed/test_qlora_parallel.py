@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nemo_quant.runtime.spawn import ChildProcessError, run_distributed
-from tests import qlora_workers
+from tests import qlora_workers, workers
 
 pytestmark = pytest.mark.distributed
 # LoftQ adapters depend on every weight of the layer (TP-gathered SVD), and dropout on the
@@ -67,10 +67,10 @@ def test_tp_slices_that_split_nf4_blocks_are_refused_on_every_rank(tmp_path):
                      vocab_size=257, max_position_embeddings=128, rotary_base=10000.0, norm_eps=1e-5,
                      tie_word_embeddings=True)
     path = str(write_hf_checkpoint(tmp_path / "hf", arch))
-    assert run_distributed(qlora_workers.qlora_preflight_message, 1, path, 1, {}) == [None]
-    messages = run_distributed(qlora_workers.qlora_preflight_message, 2, path, 2, {})
+    assert run_distributed(workers.mode_preflight_message, 1, path, 1, "qlora", {}) == [None]
+    messages = run_distributed(workers.mode_preflight_message, 2, path, 2, "qlora", {})
     assert messages[0] == messages[1]
     assert "linear_proj: at this TP each rank holds 96 of its 192 input columns" in messages[0]
     assert "parallel.tp" in messages[0]
     # a plain LoRA has no blocks: the same layout is fine
-    assert run_distributed(qlora_workers.qlora_preflight_message, 2, path, 2, {"base_format": "none"}) == [None, None]
+    assert run_distributed(workers.mode_preflight_message, 2, path, 2, "qlora", {"base_format": "none"}) == [None, None]

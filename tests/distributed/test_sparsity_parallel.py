@@ -58,7 +58,7 @@ def test_masks_survive_a_tp2_to_tp1_reshard(tiny_dir, tmp_path):
 
 def test_tp_split_of_a_group_is_refused_before_work(tiny_dir):
     # fc2 has 96 inputs: at TP=2 each rank holds 48, which splits groups of m=32.
-    messages = run_distributed(workers.sparsity_preflight_message, 2, str(tiny_dir / "hf"), 2,
+    messages = run_distributed(workers.mode_preflight_message, 2, str(tiny_dir / "hf"), 2, "sparsity",
                                {"n": 16, "m": 32, "block_size": 128})
     assert messages[0] == messages[1]
     assert "splits a group of sparsity.m=32" in messages[0] and "parallel.tp" in messages[0]

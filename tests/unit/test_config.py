@@ -89,3 +89,16 @@ def test_bad_quant_value_names_the_path():
     with pytest.raises(ConfigCompositionException) as info:
         _compose("quant=fp8", "quant.weight.format=fp7")
     assert "quant.weight.format" in str(info.value.__cause__.full_key)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["command=train", "checkpoint.save=/tmp/x", "qlora=nf4", "quant=int4_awq"], "would both quantize the same weights"),
+    (["command=train", "checkpoint.save=/tmp/x", "qlora=nf4", "sparsity=admm"], "sparsity and qlora in one job"),
+    (["command=eval", "qlora=nf4"], r"`nemo-quant eval` takes the trained model with checkpoint\.load"),
+    (["command=train", "checkpoint.save=/tmp/x", "qlora=lora", "qlora.rank=0"], r"qlora\.rank=0"),
+])
+def test_qlora_config_refusals_name_the_keys(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(_compose(*overrides))
+    for preset in ("nf4", "nf4_loftq", "lora"):  # the presets themselves are valid
+        validate(_compose("command=train", "checkpoint.save=/tmp/x", f"qlora={preset}"))

@@ -42,13 +42,12 @@ def check_resume_modes(cfg: DictConfig, saved: list[dict], checkpoint: Path) -> 
 
 
 def run_train(cfg: DictConfig) -> None:
+    from nemo_quant.checkpoint.model_checkpoint import read_modes
     from nemo_quant.data.datasets import calibration_windows, training_windows
     from nemo_quant.models.loading import load_model
     from nemo_quant.modes import mode_state
     from nemo_quant.preflight import preflight
     from nemo_quant.training.loop import TrainState, latest_checkpoint, make_optimizer, resume, train
-
-    from nemo_quant.checkpoint.model_checkpoint import read_modes
 
     save_dir = Path(cfg.checkpoint.save).expanduser()
     previous = latest_checkpoint(save_dir) if cfg.train.resume else None
