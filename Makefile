@@ -8,7 +8,7 @@ CORPUS := $(VENV)/.corpus-done
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup demo test test-fast test-engine bench bench-kernels bench-modelopt bench-sparsity bench-engine modelopt-venv vllm-venv clean
+.PHONY: setup demo test test-fast test-engine bench bench-kernels bench-modelopt bench-sparsity bench-qlora bench-engine modelopt-venv vllm-venv clean
 
 setup: $(STAMP) $(CORPUS)
 
@@ -64,6 +64,10 @@ bench-modelopt: setup modelopt-venv
 # 2:4 sparsity, ours and ModelOpt's, then the 200-step mask-kept fine-tune (about an hour on 2 cores).
 bench-sparsity: setup modelopt-venv
 	$(BIN)/python benchmarks/sparsity.py --modelopt $(MO_VENV)/bin/python $(BENCH_ARGS)
+
+# QLoRA / LoRA side by side with bitsandbytes + PEFT (test extras of .venv), about 35 minutes on 2 cores.
+bench-qlora: setup
+	$(BIN)/python benchmarks/qlora.py $(BENCH_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest tests -q -m "not engine" $(PYTEST_ARGS)
