@@ -176,6 +176,15 @@ def child_bnb(hf_dir: str, steps: int, windows: int) -> dict:
             "first_loss": losses[0], "last_loss": losses[-1]}
 
 
+def _fp32_baseline() -> float | str:
+    """The FP32 model's perplexity on the same Persuasion windows, as ptq_accuracy.py measured it."""
+    path = RESULTS / "ptq_accuracy.json"
+    if not path.is_file():
+        return "not measured (run benchmarks/ptq_accuracy.py)"
+    rows = json.loads(path.read_text())["rows"]
+    return next((r["perplexity"] for r in rows if r.get("format") == "fp32 baseline"), "not in ptq_accuracy.json")
+
+
 def _export_hf(directory: Path) -> None:
     """The unquantized SmolLM2 as a Hugging Face checkpoint (what bitsandbytes + PEFT start from)."""
     from nemo_quant.export import ExportConfig, export_checkpoint
@@ -226,7 +235,7 @@ def main() -> None:
             "protocol": f"{args.steps} steps x 512 tokens, AdamW (0.9, 0.95), lr {LR} after {WARMUP} warm-up steps, "
                         f"r {RANK}, alpha {ALPHA}, every decoder linear; Persuasion {args.windows} x 512",
             "machine": f"{platform.machine()} {psutil.cpu_count()} cpus, torch threads {torch.get_num_threads()}",
-            "fp32 baseline perplexity": 37.033}
+            "fp32 baseline perplexity": _fp32_baseline()}
     rows.sort(key=lambda r: list(RUNS).index(r["key"]))
     (RESULTS / "qlora.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=2))
     lines = ["| run | base bits/param | ppl untrained | ppl after | median step (s) | peak RSS training (GiB) | "

@@ -74,12 +74,15 @@ def validate_peft(directory: Path, report: Report) -> None:
         for proj, dims in HF_PROJS.items():
             if proj.split(".")[-1] not in targets:
                 continue
-            out, inp = dims(arch) if arch else (None, None)
             name = f"base_model.model.model.layers.{i}.{proj}"
-            expected[f"{name}.lora_A.weight"] = ({"F32", "BF16", "F16"}, [[r, inp]] if arch else [header.get(
-                f"{name}.lora_A.weight", {"shape": []})["shape"]], True)
-            expected[f"{name}.lora_B.weight"] = ({"F32", "BF16", "F16"}, [[out, r]] if arch else [header.get(
-                f"{name}.lora_B.weight", {"shape": []})["shape"]], True)
+            if arch is not None:
+                out, inp = dims(arch)
+            else:  # no base config: the other dims come from the adapter itself, the rank must be r
+                a_shape = header.get(f"{name}.lora_A.weight", {"shape": [r, 0]})["shape"]
+                b_shape = header.get(f"{name}.lora_B.weight", {"shape": [0, r]})["shape"]
+                out, inp = b_shape[0], a_shape[-1]
+            expected[f"{name}.lora_A.weight"] = ({"F32", "BF16", "F16"}, [[r, inp]], True)
+            expected[f"{name}.lora_B.weight"] = ({"F32", "BF16", "F16"}, [[out, r]], True)
     if arch is not None and layers and layers != list(range(arch.layers)):
         report.errors.append(f"adapter covers layers {layers[0]}..{layers[-1]}, the base has {arch.layers}")
     _compare(expected, header, "adapter", report)

@@ -32,5 +32,5 @@ def lookup_nearest(v: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     half = (v.float() + 1.0) * 0.5
     # fma(h, 65535, 0.5) rounds once: h is a multiple of 2^-25, so the float64 product-sum is
     # exact and one cast to fp32 is that single rounding.
-    index = (half.double() * 65535.0 + 0.5).float().double().trunc().long() & 0xFFFF
+    index = (half.double() * 65535.0 + 0.5).float().trunc().long() & 0xFFFF
     return table[index]

@@ -9,7 +9,7 @@ one fp32 "nested absmax" per 256 constants. Storage per weight:
 
 Bit-exactness with bnb matters because its consumers (transformers, PEFT, the engines) read
 our NF4 base: the level choice uses A * (1 / absmax) and midpoint bucketing like bnb's torch
-path, and the 8-bit absmax codes follow bnb's C++ lookup-table search (`dynamic_codes`).
+path, and the 8-bit absmax codes follow bnb's C++ lookup-table search (`bnb_search.lookup_nearest`).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from nemo_quant.numerics.blocks import from_blocks, to_blocks
+from nemo_quant.numerics.bnb_search import lookup_nearest
 
 NF4_BLOCK = 64
 NF4_SCALE_BLOCK = 256
@@ -73,14 +74,6 @@ def nf4_level_codes(blocks: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(scaled, NF4_MIDPOINTS.to(blocks.device), out_int32=True).to(torch.uint8)
 
 
-def dynamic_codes(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """uint8 index of the entry of the sorted table `code` that bnb's CPU search picks for each
-    x in [-1, 1] (see `nemo_quant.numerics.bnb_search`)."""
-    from nemo_quant.numerics.bnb_search import lookup_nearest
-
-    return lookup_nearest(x, code)
-
-
 def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(uint8 codes, fp32 nested absmax per 256, fp32 offset) of a flat fp32 absmax array, as
     bnb's `quantize_4bit(compress_statistics=True)` computes them."""
@@ -91,7 +84,7 @@ def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     nested = blocks.abs().amax(dim=-1)
     zero = nested == 0
     scaled = blocks * (1.0 / torch.where(zero, torch.ones_like(nested), nested)).unsqueeze(-1)
-    codes = dynamic_codes(torch.clamp(scaled, -1, 1), dynamic_map())
+    codes = lookup_nearest(torch.clamp(scaled, -1, 1), dynamic_map())
     codes = torch.where(zero.unsqueeze(-1), torch.zeros_like(codes), codes)  # bnb codes an all-zero block 0
     return from_blocks(codes, flat.numel()), nested, offset
 

@@ -20,7 +20,6 @@ import math
 import torch
 from torch import nn
 
-LORA_KEYS = ("lora_A", "lora_B")
 DROPOUT_CALLS = "lora_dropout_calls"
 
 

@@ -5,7 +5,8 @@ export.format=peft   -> <path>/base (bitsandbytes NF4, or the plain base of a Lo
 export.format=merged -> <path>: dequant(W) + scaling * B A in export.dtype, a plain HF checkpoint
                         that `nemo-quant ptq quant=... model.path=<path>` quantizes next.
 Re-quantizing a merge to NF4 erases most of the adapter (its update is far below one NF4 step),
-so no export writes an NF4 merge; `adapter_survival` measures how much of it would survive.
+so no export writes an NF4 merge; the merged export measures and logs how much of it would be lost
+(`hf_export.MergedWriter.nf4_update_loss`).
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ splits every adapted Megatron linear into its Hugging Face projections (hf_parts
   (`base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`, ...): PEFT, vLLM, SGLang
   and TensorRT-LLM load it over the base. Fused adapters are split: q, k and v each get their
   own A (the r rows of the fused A that their rows read) and their rows of B.
-- the merged model, dequant(W) + scaling * B A, through the plain HF writer (`merged_linears`).
+- `MergedWriter`: the merged model, dequant(W) + scaling * B A, through the plain HF writer.
 """
 from __future__ import annotations
 

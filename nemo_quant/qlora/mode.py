@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from nemo_quant.config.validate import ConfigError
-from nemo_quant.mode_patterns import hits_on_all_ranks, linear_tp_axes, linears_with_hits
+from nemo_quant.mode_patterns import hits_on_all_ranks, linears_with_hits
 from nemo_quant.modes import Mode, register_mode
-from nemo_quant.models.gemm_operands import megatron_type
 from nemo_quant.qlora.config import AdapterDType, AdapterInit, BaseFormat, QLoRAConfig
 from nemo_quant.runtime.distributed_init import is_main_rank
 from nemo_quant.utils.memory import release_freed_memory
@@ -36,7 +35,7 @@ def validate_qlora_config(cfg: QLoRAConfig) -> None:
 
 @dataclass
 class QLoRAPlan:
-    layers: list[tuple[str, nn.Module]] = field(default_factory=list)  # (global name, module)
+    layers: list[tuple[str, nn.Module, int]] = field(default_factory=list)  # (global name, module, weight TP axis)
     target_hits: list[int] = field(default_factory=list)
 
 
@@ -55,7 +54,7 @@ def plan_qlora(model: nn.Module, cfg: QLoRAConfig) -> QLoRAPlan:
                               "the vocabulary-parallel output layer are not supported; target decoder layers "
                               "('decoder.layers.*').")
         _check_layer(name, module, axis, cfg)
-        plan.layers.append((name, module))
+        plan.layers.append((name, module, axis))
     return plan
 
 
@@ -67,11 +66,22 @@ def _check_layer(name: str, module: nn.Module, axis: int, cfg: QLoRAConfig) -> N
     if hasattr(module, "weight_quantizer"):
         raise ConfigError(f"{name} is fake-quantized (quant=...) and qlora would put an NF4 base and adapters on the "
                           "same weight; train with qlora alone, export export.format=merged, then quantize the merge.")
-    smallest = min(module.input_size, module.output_size // (3 if name.endswith("linear_qkv") else 1))
+    smallest = min(module.input_size, *_part_rows(name, module))
     if cfg.rank > smallest:
         raise ConfigError(f"qlora.rank={cfg.rank} exceeds a dimension of {name} ({smallest}); choose a smaller rank.")
     if BaseFormat(cfg.base_format) == BaseFormat.nf4:
         check_nf4_layer(name, module, axis == 1)
+
+
+def _part_rows(name: str, module: nn.Module) -> list[int]:
+    """Output rows of each Hugging Face tensor the layer fuses (q, k, v have their own sizes)."""
+    import torch
+
+    from nemo_quant.models.arch import arch_of_config
+    from nemo_quant.qlora.hf_parts import split_parts
+
+    rows = torch.empty(module.output_size, 1)
+    return [p.shape[0] for p in split_parts(rows, name, arch_of_config(module.config), name.endswith("linear_fc1"))]
 
 
 def _check(model: nn.Module, cfg: QLoRAConfig) -> None:
@@ -88,11 +98,10 @@ def _apply(model: nn.Module, cfg: QLoRAConfig) -> int:
     from nemo_quant.qlora.modules import convert_to_lora
     from nemo_quant.utils.progress import progress
 
-    axes = linear_tp_axes()
     plan = plan_qlora(model, cfg)
     bar = progress(len(plan.layers), "qlora", unit="layer")
-    for name, module in plan.layers:
-        convert_to_lora(name, module, cfg, axes[megatron_type(module)])
+    for name, module, axis in plan.layers:
+        convert_to_lora(name, module, cfg, axis)
         bar.update(1)
     bar.close()
     for pname, p in model.named_parameters():

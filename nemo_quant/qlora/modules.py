@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from nemo_quant.models.gemm_operands import GemmOperandsMixin, mark_linear_layout, stacked_class
+from nemo_quant.numerics.nf4 import nf4_dequantize
 from nemo_quant.qlora import adapters, nf4_base
 from nemo_quant.qlora.frozen_matmul import frozen_linear
 
@@ -63,14 +64,13 @@ def convert_to_lora(name: str, module: nn.Module, cfg, weight_tp_axis: int) -> N
     nf4 = BaseFormat(cfg.base_format) == BaseFormat.nf4
     parts = split_parts(view.weight, name, arch, view.gated)
     if nf4:
-        buffers = nf4_base.quantize_base(view, name)
+        buffers, quantized = nf4_base.quantize_base(view, name, parts, arch)
         nf4_base.install_base(module, buffers)
     else:
         module.weight.requires_grad_(False)
     seed = zlib.crc32(f"{cfg.seed}:{name}".encode())
-    if AdapterInit(cfg.init) == AdapterInit.loftq:
-        deq = split_parts(_full_dequantized(module, view), name, arch, view.gated) if nf4 else parts
-        inits = [adapters.residual_init(w - d, cfg.rank, cfg.scaling) for w, d in zip(parts, deq)]
+    if AdapterInit(cfg.init) == AdapterInit.loftq:  # validation allows it with the NF4 base only
+        inits = [adapters.residual_init(w - nf4_dequantize(t), cfg.rank, cfg.scaling) for w, t in zip(parts, quantized)]
     else:
         inits = [adapters.standard_init(cfg.rank, w.shape[0], w.shape[1], seed + i) for i, w in enumerate(parts)]
     a_full = torch.cat([a for a, _ in inits])
@@ -90,14 +90,6 @@ def _data_parallel_rank() -> int:
     from megatron.core import parallel_state as ps
 
     return ps.get_data_parallel_rank() if ps.model_parallel_is_initialized() else 0
-
-
-def _full_dequantized(module: nn.Module, view) -> torch.Tensor:
-    """The NF4 base of the whole layer in TP=1 layout (what LoftQ's residual subtracts)."""
-    from nemo_quant.quantization.algorithms.observe import gather_input_dim, gather_output_dim
-
-    local = nf4_base.dequantize_base(module, torch.float32)
-    return gather_input_dim(module, local) if view.row_parallel else gather_output_dim(module, local)
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

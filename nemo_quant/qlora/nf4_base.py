@@ -18,13 +18,10 @@ import torch
 from torch import nn
 
 from nemo_quant.config.validate import ConfigError
-from nemo_quant.models.arch import arch_of_config
-from nemo_quant.numerics.blocks import to_blocks
 from nemo_quant.numerics.nf4 import (
-    NF4_BLOCK, NF4_SCALE_BLOCK, dequantize_packed_reference, double_quantize, dynamic_map, nf4_level_codes,
-    pack_nf4,
+    NF4_BLOCK, NF4_SCALE_BLOCK, NF4Tensor, dequantize_packed_reference, dynamic_map, nf4_quantize, pack_nf4,
 )
-from nemo_quant.qlora.hf_parts import join_parts, split_parts
+from nemo_quant.qlora.hf_parts import join_parts
 
 BUFFERS = ("nf4_weight", "nf4_absmax", "nf4_nested_absmax", "nf4_offset")
 
@@ -42,34 +39,28 @@ def nf4_problem(name: str, module: nn.Module, row_parallel: bool) -> str | None:
     return None
 
 
-def quantize_base(view, name: str) -> dict[str, torch.Tensor]:
-    """The NF4 buffers of this rank from a LinearView (full TP=1 weight); the same on every layout."""
-    module = view.module
-    arch = arch_of_config(module.config)
-    parts = split_parts(view.weight, name, arch, view.gated)
-    codes, absmax_codes, index, nested, offsets = [], [], [], [], []
-    first_nested = 0
-    for part in parts:
-        rows, cols = part.shape
-        blocks = to_blocks(part, NF4_BLOCK)  # cols % 64 == 0: exactly bnb's flat blocks
-        absmax = blocks.abs().amax(dim=-1)
-        codes.append(nf4_level_codes(blocks, absmax).reshape(rows, cols))
-        a_codes, a_nested, a_offset = double_quantize(absmax)
-        absmax_codes.append(a_codes.reshape(absmax.shape))
-        flat_block = torch.arange(absmax.numel(), dtype=torch.int32).reshape(absmax.shape)
+def quantize_base(view, name: str, parts: list[torch.Tensor], arch) -> tuple[dict[str, torch.Tensor], list[NF4Tensor]]:
+    """This rank's NF4 buffers from the layer's full TP=1 Hugging Face tensors `parts` (split
+    from `view`'s weight), and each part's NF4Tensor; the same on every layout. Input dims are
+    multiples of 64, so the reference's per-row blocks are bnb's flat blocks."""
+    tensors = [nf4_quantize(part) for part in parts]
+    index, first_nested = [], 0
+    for t in tensors:
+        flat_block = torch.arange(t.scale_codes.numel(), dtype=torch.int32).reshape(t.scale_codes.shape)
         index.append(flat_block // NF4_SCALE_BLOCK + first_nested)
-        first_nested += a_nested.numel()
-        nested.append(a_nested)
-        offsets.append(a_offset.reshape(1))
+        first_nested += t.scale_scales.numel()
     share = view.local_share
-    return {
-        "nf4_weight": pack_nf4(share(join_parts(codes, name, arch)).contiguous()),
-        "nf4_absmax": share(join_parts(absmax_codes, name, arch)).contiguous(),
-        "nf4_nested_absmax": torch.cat(nested),
-        "nf4_offset": torch.cat(offsets),
+    codes = join_parts([t.codes.reshape(t.shape) for t in tensors], name, arch)
+    buffers = {
+        "nf4_weight": pack_nf4(share(codes).contiguous()),
+        "nf4_absmax": share(join_parts([t.scale_codes for t in tensors], name, arch)).contiguous(),
+        "nf4_nested_absmax": torch.cat([t.scale_scales for t in tensors]),
+        "nf4_offset": torch.stack([t.scale_mean for t in tensors]),
         "nf4_nested_index": share(join_parts(index, name, arch)).contiguous(),
-        "nf4_part_of_nested": torch.cat([torch.full((n.numel(),), i, dtype=torch.int64) for i, n in enumerate(nested)]),
+        "nf4_part_of_nested": torch.cat([torch.full((t.scale_scales.numel(),), i, dtype=torch.int64)
+                                         for i, t in enumerate(tensors)]),
     }
+    return buffers, tensors
 
 
 def install_base(module: nn.Module, buffers: dict[str, torch.Tensor]) -> None:
