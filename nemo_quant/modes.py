@@ -41,7 +41,7 @@ class Mode:
 _MODES: dict[str, Mode] = {}
 CANONICAL_ORDER = "prune -> sparsity -> quantize | qlora -> speculative heads"
 # Built-in modes, imported on first use: each registers itself; none imports another's internals.
-_BUILTIN_MODES = ("nemo_quant.quantization.mode", "nemo_quant.sparsity.mode", "nemo_quant.qlora.mode")
+_BUILTIN_MODES = ("nemo_quant.pruning.mode", "nemo_quant.quantization.mode", "nemo_quant.sparsity.mode", "nemo_quant.qlora.mode")
 
 
 def register_mode(mode: Mode) -> Mode:
@@ -122,6 +122,15 @@ def apply_modes(model: nn.Module, modes: list[tuple[str, Any]]) -> nn.Module:
     for name, cfg in modes:
         apply_mode(model, name, cfg)
     return model
+
+
+def record_decision(model: nn.Module, name: str, key: str, value: Any) -> None:
+    """Store what mode `name`'s data step decided (e.g. prune's plan) in its saved config, so a
+    checkpoint's replay repeats the decision instead of re-deriving it."""
+    entries = [e for e in mode_state(model) if e["name"] == name]
+    if not entries:
+        raise ModeError(f"mode {name!r} was not applied to this model")
+    entries[-1]["config"][key] = value
 
 
 def restore_modes(model: nn.Module, state: list[dict]) -> nn.Module:

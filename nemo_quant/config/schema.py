@@ -12,7 +12,9 @@ from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 
+from nemo_quant.distill.config import DistillConfig
 from nemo_quant.export.config import ExportConfig
+from nemo_quant.pruning.config import PruneConfig
 from nemo_quant.qlora.config import QLoRAConfig
 from nemo_quant.quantization.config import QuantConfig
 from nemo_quant.sparsity.config import SparsityConfig
@@ -23,6 +25,7 @@ class Command(str, Enum):
     ptq = "ptq"
     train = "train"
     export = "export"
+    prune = "prune"
 
 
 class DType(str, Enum):
@@ -100,13 +103,16 @@ class AppConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    # Modes, applied in the canonical order: sparsity, then quantization or QLoRA (not both:
-    # QLoRA's NF4 base is its weights' quantization).
+    # Modes, applied in the canonical order: prune, sparsity, then quantization or QLoRA (not
+    # both: QLoRA's NF4 base is its weights' quantization).
+    prune: Optional[PruneConfig] = None
     sparsity: Optional[SparsityConfig] = None
     quant: Optional[QuantConfig] = None
     qlora: Optional[QLoRAConfig] = None
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Knowledge distillation from the unmodified model (a training option of `nemo-quant train`).
+    distill: Optional[DistillConfig] = None
     # Deployable checkpoint written at the end of ptq / train, or by `nemo-quant export`.
     export: Optional[ExportConfig] = None
 
@@ -119,5 +125,7 @@ def register_configs() -> None:
     cs.store(group="parallel", name="schema", node=ParallelConfig)
     cs.store(group="quant", name="schema", node=QuantConfig)
     cs.store(group="sparsity", name="schema", node=SparsityConfig)
+    cs.store(group="prune", name="schema", node=PruneConfig)
+    cs.store(group="distill", name="schema", node=DistillConfig)
     cs.store(group="qlora", name="schema", node=QLoRAConfig)
     cs.store(group="export", name="schema", node=ExportConfig)

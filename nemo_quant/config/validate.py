@@ -52,6 +52,8 @@ def _validate_command(cfg: DictConfig) -> None:
                               "(admm, sparsegpt, magnitude).")
         if cfg.checkpoint.save is not None and Path(cfg.checkpoint.save).expanduser().exists() and not cfg.checkpoint.overwrite:
             raise ConfigError(f"checkpoint.save={cfg.checkpoint.save} exists; pick a new path or set checkpoint.overwrite=true.")
+    _validate_prune(cfg)
+    _validate_distill(cfg)
     if cfg.quant is not None:
         validate_quant_config(OmegaConf.to_object(cfg.quant))
     if cfg.sparsity is not None:
@@ -74,6 +76,49 @@ def _validate_command(cfg: DictConfig) -> None:
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise ConfigError(f"train.adam_betas={betas}: give two values in [0, 1), e.g. [0.9, 0.95].")
 
+
+
+def _validate_prune(cfg: DictConfig) -> None:
+    from omegaconf import OmegaConf
+
+    if cfg.command == "prune":
+        if cfg.get("prune") is None:
+            raise ConfigError("`nemo-quant prune` needs prune=<preset> (minitron_ffn, minitron_depth, minitron_budget) "
+                              "or prune.target.<dimension>=...; see conf/prune/.")
+        if cfg.quant is not None or cfg.sparsity is not None or cfg.get("qlora") is not None:
+            raise ConfigError("`nemo-quant prune` prunes only: drop quant/sparsity/qlora here and run ptq or train on "
+                              "the pruned checkpoint (checkpoint.load=<dir>), or use `nemo-quant ptq prune=... quant=...`.")
+        if cfg.checkpoint.save is not None and Path(cfg.checkpoint.save).expanduser().exists() and not cfg.checkpoint.overwrite:
+            raise ConfigError(f"checkpoint.save={cfg.checkpoint.save} exists; pick a new path or set checkpoint.overwrite=true.")
+    if cfg.get("prune") is None:
+        return
+    if cfg.command in ("eval", "export"):
+        raise ConfigError(f"prune=... would be ignored by `nemo-quant {cfg.command.value}`: prune with `nemo-quant "
+                          "prune prune=... checkpoint.save=<dir>`, then pass checkpoint.load=<dir>.")
+    from nemo_quant.pruning.mode import validate_prune_config
+
+    validate_prune_config(OmegaConf.to_object(cfg.prune))
+
+
+def _validate_distill(cfg: DictConfig) -> None:
+    d = cfg.get("distill")
+    if d is None:
+        return
+    if cfg.command != "train":
+        raise ConfigError(f"distill={d.name} is a training objective: use it with `nemo-quant train`.")
+    if d.temperature <= 0:
+        raise ConfigError(f"distill.temperature={d.temperature}: must be > 0.")
+    for key in ("kd_weight", "lm_weight", "layer_weight"):
+        if d[key] < 0:
+            raise ConfigError(f"distill.{key}={d[key]}: must be >= 0.")
+    if d.kd_weight == 0 and d.lm_weight == 0 and not d.layers:
+        raise ConfigError("distill.kd_weight and distill.lm_weight are both 0 and distill.layers is empty: nothing to train on.")
+    from nemo_quant.distill.objective import parse_layer_pairs
+
+    parse_layer_pairs(list(d.layers))
+    if d.teacher is not None and not (Path(d.teacher).expanduser() / "model").is_dir():
+        raise ConfigError(f"distill.teacher={d.teacher} is not a nemo_quant checkpoint directory; leave it null to "
+                          "distill from model.path's model.")
 
 
 def _validate_qlora(cfg: DictConfig) -> None:

@@ -1,7 +1,7 @@
 """Architecture of a Llama-style decoder, independent of where its weights come from."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass
@@ -16,10 +16,21 @@ class LlamaArch:
     rotary_base: float = 10000.0
     norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
+    # Per-head width when it is not hidden_size / heads (a width-pruned model keeps its heads'
+    # width while hidden size or head count shrink); None = hidden_size / heads.
+    kv_channels: int | None = None
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def parameter_count(self) -> int:
+        """Parameters of the unpadded model (tied embedding counted once)."""
+        h, d = self.hidden_size, self.head_dim
+        attn = h * d * (2 * self.num_attention_heads + 2 * self.num_query_groups)
+        layer = 2 * h + attn + 3 * h * self.ffn_hidden_size
+        embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return embeddings + self.num_layers * layer + h
 
     def check_parallel(self, tp: int, pp: int) -> None:
         """Fail early, naming the config key, when the layout cannot shard this model."""
@@ -53,6 +64,7 @@ def arch_of_config(c, vocab_size: int = 0, **model_level) -> LlamaArch:
         num_layers=c.num_layers, hidden_size=c.hidden_size, num_attention_heads=c.num_attention_heads,
         num_query_groups=c.num_query_groups or c.num_attention_heads, ffn_hidden_size=c.ffn_hidden_size,
         vocab_size=vocab_size, norm_eps=c.layernorm_epsilon, **model_level,
+        kv_channels=c.kv_channels if c.kv_channels != c.hidden_size // c.num_attention_heads else None,
     )
 
 
@@ -62,3 +74,12 @@ def arch_of_megatron(model, vocab_size: int) -> LlamaArch:
     return arch_of_config(model.config, vocab_size, max_position_embeddings=model.max_sequence_length,
                           rotary_base=float(getattr(model, "rotary_base", 10000)),
                           tie_word_embeddings=bool(model.share_embeddings_and_output_weights))
+
+
+def current_arch(model, base: LlamaArch) -> LlamaArch:
+    """`base` (what was loaded) with the layer shapes the model has now: a prune mode shrinks
+    them in place, and exports must describe the model as it is."""
+    now = arch_of_config(model.config)
+    return replace(base, num_layers=now.num_layers, hidden_size=now.hidden_size,
+                   num_attention_heads=now.num_attention_heads, num_query_groups=now.num_query_groups,
+                   ffn_hidden_size=now.ffn_hidden_size, kv_channels=now.kv_channels)

@@ -56,6 +56,11 @@ def layer_spec(core_attention: str = "sdpa"):
     return spec
 
 
+def true_vocab_size(model) -> int:
+    """The unpadded vocabulary of a model built here (Megatron keeps only the padded size)."""
+    return getattr(model, "_nq_true_vocab", None) or model.vocab_size
+
+
 def build_gpt_model(arch: LlamaArch, dtype: torch.dtype = torch.float32, core_attention: str = "sdpa"):
     """Build this rank's shard of the model; model-parallel state must be initialised."""
     from megatron.core import parallel_state
@@ -76,6 +81,7 @@ def build_gpt_model(arch: LlamaArch, dtype: torch.dtype = torch.float32, core_at
         position_embedding_type="rope",
         rotary_base=int(arch.rotary_base),
     )
+    model._nq_true_vocab = arch.vocab_size  # Megatron keeps only the padded size
     if model.post_process:
         from nemo_quant.models import batch_major_logits
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from nemo_quant.models.arch import LlamaArch, current_arch
 from nemo_quant.models.builder import build_gpt_model
 from nemo_quant.models.importer import import_weights
 from nemo_quant.models.sources import WeightSource, open_source
@@ -56,6 +57,12 @@ class LoadedModel:
     @property
     def vocab_size(self) -> int:
         return self.source.arch.vocab_size
+
+    @property
+    def arch(self) -> LlamaArch:
+        """The architecture as the model is now (pruning shrinks it); `source.arch` is what was loaded,
+        and what checkpoints record (their modes replay the pruning on it)."""
+        return current_arch(self.model, self.source.arch)
 
 
 def load_model(path: str | None, dtype: str = "float32", tokenizer: str | None = None, with_weights: bool = True) -> LoadedModel:

@@ -56,4 +56,5 @@ def windows_forward_loop(windows: torch.Tensor, batch_size: int = 1, desc: str =
                 bar.update(1)
         bar.close()
 
+    loop.windows = windows  # modes that score candidates by their loss (prune) read the tokens too
     return loop

@@ -1,4 +1,5 @@
-"""A Megatron training loop for QAT and fine-tuning (TP x PP x DP), with periodic, resumable checkpoints.
+"""A Megatron training loop for QAT, QAD, distillation and fine-tuning (TP x PP x DP), with periodic,
+resumable checkpoints.
 
 Quantizer scales are buffers, so the optimizer never touches them: QAT trains the weights
 through the straight-through estimator with the calibrated scales frozen.
@@ -103,31 +104,33 @@ def _sync_grads(model: nn.Module) -> None:
             p.grad /= dp
 
 
-def forward_backward(model: nn.Module, batch: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
+def forward_backward(model: nn.Module, batch: torch.Tensor, micro_batch_size: int, objective=None) -> torch.Tensor:
     """One step's forward and backward through Megatron's schedule (pipelined when PP > 1).
 
-    Returns the mean loss of this DP rank's batch on every rank of its pipeline."""
+    `objective` (default: next-token loss) gives each micro-batch's forward and loss, e.g.
+    distillation (nemo_quant/distill/objective.py). Returns the mean loss of this DP rank's batch
+    on every rank of its pipeline."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from nemo_quant.distill.objective import LMObjective
+
+    objective = objective or LMObjective()
     micro_batches = list(batch.split(micro_batch_size))
+    objective.begin_step(micro_batches)
 
     def forward_step(data_iterator, model_chunk):
         chunk = next(data_iterator)
-        tokens, labels = chunk[:, :-1], chunk[:, 1:]
-        per_token = model_chunk(tokens, position_ids_for(tokens), None, labels=labels)
+        return objective.forward(model_chunk, chunk[:, :-1], chunk[:, 1:])
 
-        def loss_func(output):
-            loss = output.float().mean()
-            return loss, {"loss": loss.detach()}
-
-        return per_token, loss_func
-
-    reports = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[model],
-        num_microbatches=len(micro_batches), seq_length=batch.shape[1] - 1,
-        micro_batch_size=micro_batch_size, forward_only=False,
-    )
+    try:
+        reports = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[model],
+            num_microbatches=len(micro_batches), seq_length=batch.shape[1] - 1,
+            micro_batch_size=micro_batch_size, forward_only=False,
+        )
+    finally:
+        objective.end_step()
     loss = torch.zeros((), dtype=torch.float64)
     if ps.is_pipeline_last_stage():
         loss += torch.stack([r["loss"].double() for r in reports]).mean()
@@ -138,8 +141,9 @@ def forward_backward(model: nn.Module, batch: torch.Tensor, micro_batch_size: in
 
 def train(model: nn.Module, arch: LlamaArch, optimizer: torch.optim.Optimizer, windows: torch.Tensor,
           state: TrainState, steps: int, micro_batch_size: int, save_dir: Path, save_every: int,
-          log_every: int = 10, warmup_steps: int = 0) -> TrainState:
-    """Train until `state.step == steps`; micro-batches cycle through `windows` (DP-sharded)."""
+          log_every: int = 10, warmup_steps: int = 0, objective=None) -> TrainState:
+    """Train until `state.step == steps`; micro-batches cycle through `windows` (DP-sharded).
+    `objective`: what each micro-batch's loss is (default: next-token loss; see forward_backward)."""
     from megatron.core import parallel_state as ps
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -153,7 +157,7 @@ def train(model: nn.Module, arch: LlamaArch, optimizer: torch.optim.Optimizer, w
         batch = windows[i * per_step:(i + 1) * per_step][dp_rank::dp]
         optimizer.zero_grad(set_to_none=True)
         _set_lr(optimizer, state.step, warmup_steps)
-        loss = forward_backward(model, batch, micro_batch_size)
+        loss = forward_backward(model, batch, micro_batch_size, objective)
         _sync_grads(model)
         optimizer.step()
         if dp > 1:

@@ -35,12 +35,14 @@ def quant_config(cfg: DictConfig):
 
 
 def configured_modes(cfg: DictConfig, model=None) -> list[tuple[str, object]]:
-    """The job's modes in canonical order (sparsity, quantize or qlora), less those `model` already
+    """The job's modes in canonical order (prune, sparsity, quantize or qlora), less those `model` already
     carries (a checkpoint that was pruned or quantized before)."""
     from nemo_quant.modes import mode_state
 
     done = {m["name"] for m in mode_state(model)} if model is not None else set()
     modes = []
+    if cfg.get("prune") is not None and "prune" not in done:
+        modes.append(("prune", OmegaConf.to_object(cfg.prune)))
     if cfg.sparsity is not None and "sparsity" not in done:
         modes.append(("sparsity", OmegaConf.to_object(cfg.sparsity)))
     if cfg.quant is not None and "quantize" not in done:

@@ -11,7 +11,7 @@ def export_step(cfg: DictConfig, loaded) -> dict:
     """Export the loaded (quantized) model as configured in `cfg.export`; every rank calls it."""
     from nemo_quant.export import export_checkpoint
 
-    result = export_checkpoint(loaded.model, loaded.source.arch, OmegaConf.to_object(cfg.export), loaded.tokenizer)
+    result = export_checkpoint(loaded.model, loaded.arch, OmegaConf.to_object(cfg.export), loaded.tokenizer)
     mb = result.bytes_written / 1e6
     summary = {"export": str(result.path), "export format": cfg.export.format.value,
                "export quant_algo": result.quant_algo or "none (high precision)",
@@ -26,5 +26,5 @@ def run_export(cfg: DictConfig) -> None:
 
     with megatron_session(cfg):
         loaded = load_for_command(cfg)
-        preflight(loaded.model, loaded.source.arch, [], cfg.export)
+        preflight(loaded.model, loaded.arch, [], cfg.export)
         write_results(export_step(cfg, loaded))

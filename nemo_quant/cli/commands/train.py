@@ -58,7 +58,7 @@ def run_train(cfg: DictConfig) -> None:
             loaded = load_model(cfg.model.path, cfg.model.dtype.value, cfg.model.tokenizer, with_weights=False)
             optimizer, state = resume(loaded.model, lambda m: make_optimizer(
                 m, cfg.train.lr, cfg.train.weight_decay, cfg.train.adam_betas), previous)
-            preflight(loaded.model, loaded.source.arch, [], cfg.export)
+            preflight(loaded.model, loaded.arch, [], cfg.export)
             origin = f"resumed from {previous} (step {state.step})"
         else:
             loaded = load_for_command(cfg)
@@ -71,11 +71,19 @@ def run_train(cfg: DictConfig) -> None:
             optimizer = make_optimizer(loaded.model, cfg.train.lr, cfg.train.weight_decay, cfg.train.adam_betas)
             state = TrainState()
         windows = training_windows(cfg.data, cfg.train, loaded.tokenizer)
+        objective = None
+        if cfg.get("distill") is not None:
+            from omegaconf import OmegaConf
+
+            from nemo_quant.distill.teacher import distill_objective
+
+            objective = distill_objective(OmegaConf.to_object(cfg.distill), loaded.model, cfg.model.path,
+                                          cfg.model.dtype.value, cfg.model.tokenizer, loaded.vocab_size)
         state = train(loaded.model, loaded.source.arch, optimizer, windows, state, cfg.train.steps,
                       cfg.train.micro_batch_size, save_dir, cfg.train.save_every, cfg.train.log_every,
-                      cfg.train.warmup_steps)
+                      cfg.train.warmup_steps, objective)
         first, last = state.losses[0], state.losses[-1]
-        report({"start": origin, "modes": ", ".join(m["name"] for m in mode_state(loaded.model)) or "none",
+        report({"start": origin, "objective": f"distill={cfg.distill.name}" if cfg.get("distill") is not None else "lm", "modes": ", ".join(m["name"] for m in mode_state(loaded.model)) or "none",
                 "steps": state.step, "loss first -> last": f"{first:.4f} -> {last:.4f}", "checkpoint": str(save_dir)})
         exported = {}
         if cfg.export is not None:
