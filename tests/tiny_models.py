@@ -47,11 +47,12 @@ def tiny_hf_tensors(arch: LlamaArch = TINY, seed: int = 0) -> dict[str, torch.Te
     return t
 
 
-def write_hf_checkpoint(directory: Path, arch: LlamaArch = TINY, seed: int = 0) -> Path:
+def write_hf_checkpoint(directory: Path, arch: LlamaArch = TINY, seed: int = 0,
+                        tensors: dict[str, torch.Tensor] | None = None) -> Path:
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = tiny_hf_tensors(arch, seed)
+    tensors = tiny_hf_tensors(arch, seed) if tensors is None else tensors
     names = sorted(tensors)
     half = len(names) // 2  # two shards, as large checkpoints come
     save_file({n: tensors[n].contiguous() for n in names[:half]}, str(directory / "model-00001-of-00002.safetensors"))
@@ -63,7 +64,7 @@ def write_hf_checkpoint(directory: Path, arch: LlamaArch = TINY, seed: int = 0) 
         "num_attention_heads": arch.num_attention_heads, "num_key_value_heads": arch.num_query_groups,
         "intermediate_size": arch.ffn_hidden_size, "vocab_size": arch.vocab_size,
         "max_position_embeddings": arch.max_position_embeddings, "rope_theta": arch.rotary_base,
-        "rms_norm_eps": arch.norm_eps, "tie_word_embeddings": arch.tie_word_embeddings,
+        "rms_norm_eps": arch.norm_eps, "tie_word_embeddings": arch.tie_word_embeddings, "head_dim": arch.head_dim,
     }))
     return directory
 

@@ -34,7 +34,7 @@ class LMObjective:
 
         def loss_func(output):
             loss = output.float().mean()
-            return loss, {"loss": loss.detach()}
+            return loss, {"loss": loss.detach().clone()}  # the schedule divides `loss` in place
 
         return per_token, loss_func
 
@@ -131,7 +131,7 @@ class DistillObjective:
             if c.lm_weight:
                 ce = vocab_parallel_cross_entropy(output.float(), labels)
                 loss = loss + c.lm_weight * ce.mean()
-            return loss, {"loss": loss.detach(), "kl": kl.detach()}
+            return loss, {"loss": loss.detach().clone(), "kl": kl.detach().clone()}
 
         return logits, loss_func
 

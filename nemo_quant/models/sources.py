@@ -57,6 +57,8 @@ class HFSafetensorsSource:
             rotary_base=float(cfg.get("rope_theta", 10000.0)),
             norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            # a pruned export keeps its heads' width apart from hidden_size / heads
+            kv_channels=cfg.get("head_dim") if cfg.get("head_dim") != cfg["hidden_size"] // heads else None,
         )
         files = sorted(self.path.glob("*.safetensors"))
         if not files:

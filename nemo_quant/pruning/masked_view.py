@@ -3,7 +3,7 @@
 Used to score candidates (the parameter-budget search, skip-loss layer importance): zeroing a
 neuron's or head's output removes it exactly; a skipped layer passes its input through; dropped
 embedding channels are zeroed in the residual stream and every RMSNorm output is rescaled by
-sqrt(hidden / kept) so it normalises over the kept channels as the pruned model's would (exact up
+sqrt(kept / hidden) so it normalises over the kept channels as the pruned model's would (exact up
 to the norm's epsilon). One forward per candidate instead of a copy and a surgery.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ def masked_view(model: nn.Module, plan: dict):
     c = model.config
     hidden_mask = torch.zeros(c.hidden_size)
     hidden_mask[plan["hidden"]] = 1.0
-    norm_scale = (c.hidden_size / len(plan["hidden"])) ** 0.5
+    norm_scale = (len(plan["hidden"]) / c.hidden_size) ** 0.5  # 1/rms over H -> over the kept H'
     kept = {g: j for j, g in enumerate(plan["layers"])}
 
     def times(mask):
