@@ -73,8 +73,12 @@ def parse_layer_pairs(pairs: list[str]) -> list[tuple[int, int]]:
 
 
 class DistillObjective:
-    def __init__(self, teacher: nn.Module, cfg: DistillConfig, true_vocab: int, student: nn.Module):
+    def __init__(self, teacher: nn.Module, cfg: DistillConfig, true_vocab: int, student: nn.Module,
+                 teacher_channels: list[int] | None = None):
+        """`teacher_channels`: the teacher's hidden channels the student kept (a width-pruned
+        student's layers are compared with those channels of the teacher's)."""
         self.teacher, self.cfg, self.true_vocab = teacher, cfg, true_vocab
+        self.channels = None if teacher_channels is None else torch.tensor(teacher_channels)
         self.teacher_logits: list[torch.Tensor] = []
         self.teacher_hidden: list[dict[int, torch.Tensor]] = []
         self.micro_batch = -1
@@ -92,7 +96,8 @@ class DistillObjective:
                 continue  # on another stage (checked there)
 
             def record(module, args, output, t=t):
-                self.teacher_hidden[-1][t] = (output[0] if isinstance(output, tuple) else output).detach()
+                hidden = (output[0] if isinstance(output, tuple) else output).detach()
+                self.teacher_hidden[-1][t] = hidden if self.channels is None else hidden[..., self.channels]
 
             def attach(module, args, output, t=t):
                 if not self.active:

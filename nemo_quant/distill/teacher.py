@@ -48,8 +48,22 @@ def check_layer_pairs(cfg: DistillConfig, student: nn.Module, teacher: nn.Module
         raise ConfigError(problems[0])
 
 
+def kept_teacher_channels(cfg: DistillConfig, student: nn.Module, teacher: nn.Module) -> list[int] | None:
+    """Which teacher channels a width-pruned student's hidden states hold (its prune plan)."""
+    from nemo_quant.modes import mode_config
+
+    if student.config.hidden_size == teacher.config.hidden_size or not cfg.layers:
+        return None
+    prune = mode_config(student, "prune")
+    if prune is None or prune.plan is None or len(prune.plan["hidden"]) != student.config.hidden_size:
+        raise ConfigError(f"distill.layers compares hidden states, but the student's hidden size "
+                          f"({student.config.hidden_size}) differs from the teacher's ({teacher.config.hidden_size}) "
+                          "and no prune plan says which teacher channels it kept; drop distill.layers.")
+    return prune.plan["hidden"]
+
+
 def distill_objective(cfg: DistillConfig, student: nn.Module, model_path, dtype: str, tokenizer,
                       vocab_size: int) -> DistillObjective:
     teacher = build_teacher(model_path, dtype, tokenizer, cfg, vocab_size)
     check_layer_pairs(cfg, student, teacher)
-    return DistillObjective(teacher, cfg, vocab_size, student)
+    return DistillObjective(teacher, cfg, vocab_size, student, kept_teacher_channels(cfg, student, teacher))

@@ -66,15 +66,11 @@ def shard_layer(tensors: dict[str, torch.Tensor], tp_rank: int, tp: int) -> dict
 
 
 @contextmanager
-def _quiet_build(config):
-    """Build modules without drawing random init (their values are overwritten) or touching the RNG."""
-    before = config.perform_initialization
-    config.perform_initialization = False
-    try:
-        with torch.random.fork_rng(devices=[]):
-            yield
-    finally:
-        config.perform_initialization = before
+def _quiet_build():
+    """Build modules without moving the caller's RNG (their random init is overwritten). Megatron
+    sets the TP attributes of a weight only when it initialises it, so the init must run."""
+    with torch.random.fork_rng(devices=[]):
+        yield
 
 
 def _resize_config(config, sizes: dict, head_dim: int) -> None:
@@ -159,7 +155,7 @@ def apply_plan(model: nn.Module, plan: dict) -> None:
     _resize_config(config, sizes, head_dim)
     spec = block.submodules.layer_specs[0]
     new_layers = []
-    with _quiet_build(config):
+    with _quiet_build():
         for i in range(new_per_stage):
             layer = build_module(spec, config=config, layer_number=i + 1, pg_collection=block.pg_collection,
                                  vp_stage=block.vp_stage)
