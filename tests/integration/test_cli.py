@@ -244,3 +244,41 @@ def test_qlora_train_resume_and_export_from_the_command_line(text_files, tmp_pat
                  f"hydra.run.dir={tmp_path / 'r4'}"])
     assert both.returncode != 0 and "quant=int4_awq and qlora=nf4 would both quantize the same weights" in both.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_prune_then_distill_then_qad_from_the_command_line(text_files, tmp_path):
+    """`nemo-quant prune` reports the shrink and saves; `train distill=logits` recovers from that
+    checkpoint (teacher: the unpruned model) and exports the pruned shapes; QAD (quant + distill)
+    trains; bad prune/distill input fails before any work."""
+    from tests.tiny_models import write_hf_checkpoint
+
+    model = write_hf_checkpoint(tmp_path / "tiny")
+    base = [f"model.path={model}", "model.name=tiny", "data=files", f"data.eval_files=[{text_files / 'eval.txt'}]",
+            f"data.calib_files=[{text_files / 'calib.jsonl'}]", "data.seq_length=16", "data.eval_samples=2",
+            "data.calib_samples=4"]
+    cli = [sys.executable, "-m", "nemo_quant.cli.main"]
+    pruned = _run([*cli, "prune", *base, "prune.target.ffn_hidden_size=64", "prune.target.num_layers=3",
+                   f"checkpoint.save={tmp_path / 'pruned'}", f"hydra.run.dir={tmp_path / 'r1'}"])
+    assert pruned.returncode == 0, pruned.stderr[-3000:]
+    result = json.loads((tmp_path / "r1" / "results.json").read_text())
+    assert result["params_after"] < result["params_before"] and result["sizes"]["num_layers"] == 3
+    assert "| tiny  | L3 h64 heads 4/2 ffn 64" in pruned.stdout, pruned.stdout
+    train = [*cli, "train", *base, f"checkpoint.load={tmp_path / 'pruned'}", "distill=logits", "train.steps=3",
+             "train.save_every=3", "train.seq_length=16", "train.lr=1e-3"]
+    distilled = _run([*train, f"checkpoint.save={tmp_path / 'kd'}", "export=hf", f"export.path={tmp_path / 'hf'}",
+                      f"hydra.run.dir={tmp_path / 'r2'}"])
+    assert distilled.returncode == 0, distilled.stderr[-3000:]
+    assert "distill=logits" in distilled.stdout
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 3 and config["intermediate_size"] == 64
+    qad = _run([*cli, "train", *base, "quant=fp8", "distill=logits", "train.steps=2", "train.seq_length=16",
+                f"checkpoint.save={tmp_path / 'qad'}", f"hydra.run.dir={tmp_path / 'r3'}"])
+    assert qad.returncode == 0, qad.stderr[-3000:]
+    assert "fp8 applied" in qad.stdout and "distill=logits" in qad.stdout
+    for bad, message in ((["prune", "prune.target.num_attention_heads=3"], "breaks GQA"),
+                         (["train", "distill=logits", "distill.temperature=0"], "distill.temperature=0"),
+                         (["eval", "prune.target.num_layers=2"], "would be ignored")):
+        refused = _run([*cli, *bad[:1], *base, *bad[1:], f"checkpoint.save={tmp_path / 'x'}",
+                        f"hydra.run.dir={tmp_path / 'bad'}"])
+        assert refused.returncode != 0 and message in refused.stderr, refused.stderr[-2000:]
+        assert not (tmp_path / "x").exists()
