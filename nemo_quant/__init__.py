@@ -4,6 +4,7 @@ Public API (imported lazily so `import nemo_quant` stays cheap):
     apply_modes(model, [(name, cfg), ...])   mutate the model in place
     calibrate(model, forward_loop)           collect statistics and set scales
     sparsify(model, forward_loop)            choose the n:m masks of the sparsity mode
+    prune(model, forward_loop)               measure importance and shrink the model (prune mode)
     restore_modes(model, state)              replay saved modes before loading weights
     mode_state(model)                        the JSON-able mode state to save
 """
@@ -24,6 +25,7 @@ _API = {
     "mode_state": "nemo_quant.modes",
     "calibrate": "nemo_quant.quantization.calibrate",
     "sparsify": "nemo_quant.sparsity.one_shot",
+    "prune": "nemo_quant.pruning.mode",
 }
 __all__ = sorted(_API)
 

@@ -36,6 +36,9 @@ class Mode:
     data_step: Callable[[nn.Module, Callable[[nn.Module], None]], Any] | None = None
     # What a loaded checkpoint must satisfy (e.g. pruned weights are zero): the problem, or None.
     loaded_problem: Callable[[nn.Module, Any], str | None] = lambda model, cfg: None
+    # Config keys the data step fills in (`record_decision`), not set by users: a resumed run's
+    # config is compared without them.
+    decisions: frozenset[str] = frozenset()
 
 
 _MODES: dict[str, Mode] = {}

@@ -116,9 +116,9 @@ def _validate_distill(cfg: DictConfig) -> None:
     from nemo_quant.distill.objective import parse_layer_pairs
 
     parse_layer_pairs(list(d.layers))
-    if d.teacher is not None and not (Path(d.teacher).expanduser() / "model").is_dir():
-        raise ConfigError(f"distill.teacher={d.teacher} is not a nemo_quant checkpoint directory; leave it null to "
-                          "distill from model.path's model.")
+    if d.teacher is not None and not Path(d.teacher).expanduser().exists():
+        raise ConfigError(f"distill.teacher={d.teacher} does not exist: give a nemo_quant checkpoint directory, a .gguf "
+                          "file or an HF directory, or leave it null to distill from model.path's model.")
 
 
 def _validate_qlora(cfg: DictConfig) -> None:

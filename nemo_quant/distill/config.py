@@ -23,6 +23,7 @@ class DistillConfig:
     layers: list[str] = field(default_factory=list)
     layer_loss: LayerLoss = LayerLoss.cosine
     layer_weight: float = 1.0
-    # The teacher: null = the configured model (model.path) as loaded, before any mode; or a
-    # nemo_quant checkpoint directory (its modes replayed). Built at the job's TP/PP.
+    # The teacher: null = the configured model (model.path) as loaded, before any mode; a
+    # nemo_quant checkpoint directory (its modes replayed); or another model's path (.gguf / HF
+    # directory) with the same vocabulary. Built at the job's TP/PP.
     teacher: Optional[str] = None

@@ -1,5 +1,6 @@
 """The frozen teacher of distillation and QAD: by default the configured model as loaded, before
-any mode, built by the same loader at the job's TP/PP; or a nemo_quant checkpoint."""
+any mode, built by the same loader at the job's TP/PP; or a nemo_quant checkpoint, or another
+model (.gguf / HF directory) sharing the student's vocabulary."""
 from __future__ import annotations
 
 from torch import nn
@@ -11,10 +12,15 @@ from nemo_quant.distill.objective import DistillObjective, parse_layer_pairs
 
 def build_teacher(model_path: str | None, dtype: str, tokenizer: str | None, cfg: DistillConfig,
                   student_vocab: int) -> nn.Module:
+    from pathlib import Path
+
     from nemo_quant.models.loading import load_model
 
-    loaded = load_model(model_path, dtype, tokenizer, with_weights=cfg.teacher is None)
-    if cfg.teacher is not None:
+    checkpoint = cfg.teacher is not None and (Path(cfg.teacher).expanduser() / "model").is_dir()
+    if cfg.teacher is not None and not checkpoint:  # a model of its own (.gguf / HF directory)
+        model_path, tokenizer = cfg.teacher, None
+    loaded = load_model(model_path, dtype, tokenizer, with_weights=not checkpoint)
+    if checkpoint:
         from nemo_quant.checkpoint.model_checkpoint import load_into
 
         load_into(loaded.model, cfg.teacher)

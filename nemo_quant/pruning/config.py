@@ -17,6 +17,9 @@ class ChannelScore(str, Enum):
 class LayerScore(str, Enum):
     block_influence = "block_influence"  # 1 - cos(layer input, layer output), averaged over tokens
     skip_loss = "skip_loss"  # calibration loss with the layer skipped (one forward per layer)
+    # Greedy: drop the layer whose skipping raises the calibration loss least, given the layers
+    # already dropped, until the target depth (sum over the dropped counts of the remaining layers).
+    iterative_skip_loss = "iterative_skip_loss"
 
 
 @dataclass
@@ -50,7 +53,7 @@ class PruneConfig:
     target: PruneTarget = field(default_factory=PruneTarget)
     channel_score: ChannelScore = ChannelScore.activation
     layer_score: LayerScore = LayerScore.block_influence
-    skip_loss_windows: int = 4  # calibration windows per skipped layer (layer_score=skip_loss)
+    skip_loss_windows: int = 4  # calibration windows per loss of the skip-loss layer scores
     search: PruneSearch = field(default_factory=PruneSearch)
     # The decisions (kept indices, sizes), written by the mode after its data step and replayed
     # from checkpoints; not for users to set.

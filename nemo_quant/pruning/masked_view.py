@@ -32,10 +32,10 @@ def _local_mask(kept: list[int], total: int, repeat: int = 1) -> torch.Tensor:
     return cols(mask.repeat_interleave(repeat).unsqueeze(0), rank, tp)[0]
 
 
-def identity_plan(config, skip: int | None = None) -> dict:
-    """Everything kept (but `skip`): the view of one skipped layer."""
+def identity_plan(config, skip: tuple[int, ...] = ()) -> dict:
+    """Everything kept but the layers in `skip`: the view of skipped layers."""
     c = config
-    layers = [i for i in range(c.num_layers) if i != skip]
+    layers = [i for i in range(c.num_layers) if i not in skip]
     return {"layers": layers, "hidden": list(range(c.hidden_size)),
             "ffn": [list(range(c.ffn_hidden_size))] * len(layers),
             "heads": [list(range(c.num_attention_heads))] * len(layers)}

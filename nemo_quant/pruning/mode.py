@@ -109,7 +109,7 @@ def prune(model: nn.Module, forward_loop) -> dict:
     from nemo_quant.models.arch import LlamaArch
     from nemo_quant.modes import mode_config
     from nemo_quant.pruning.importance import measure_importance
-    from nemo_quant.pruning.search import search_sizes, skip_losses
+    from nemo_quant.pruning.search import iterative_skip_scores, search_sizes, skip_losses
 
     cfg = mode_config(model, "prune")
     if cfg.plan is not None:
@@ -118,13 +118,17 @@ def prune(model: nn.Module, forward_loop) -> dict:
     before: LlamaArch = arch_of_config(model.config, _vocab(model),
                                        tie_word_embeddings=bool(model.share_embeddings_and_output_weights))
     windows = getattr(forward_loop, "windows", None)
-    needs_windows = LayerScore(cfg.layer_score) == LayerScore.skip_loss or cfg.target.params is not None
+    layer_score = LayerScore(cfg.layer_score)
+    needs_windows = layer_score != LayerScore.block_influence or cfg.target.params is not None
     if needs_windows and windows is None:
-        raise ConfigError("prune.layer_score=skip_loss and prune.target.params score candidates by their loss, which "
-                          "needs the calibration windows: pass a loop from windows_forward_loop(...).")
+        raise ConfigError("prune.layer_score=skip_loss / iterative_skip_loss and prune.target.params score by the loss, "
+                          "which needs the calibration windows: pass a loop from windows_forward_loop(...).")
     imp = measure_importance(model, forward_loop, cfg.channel_score)
-    if LayerScore(cfg.layer_score) == LayerScore.skip_loss:
+    if layer_score == LayerScore.skip_loss:
         imp.layers = skip_losses(model, windows[: cfg.skip_loss_windows])
+    elif layer_score == LayerScore.iterative_skip_loss:
+        keep = min(allowed_depths(model, cfg))
+        imp.layers = iterative_skip_scores(model, windows[: cfg.skip_loss_windows], keep)
     searched = None
     if cfg.target.params is not None:
         sizes, searched = search_sizes(model, before, cfg, imp, windows)
@@ -143,6 +147,16 @@ def prune(model: nn.Module, forward_loop) -> dict:
     return report
 
 
+def allowed_depths(model: nn.Module, cfg: PruneConfig) -> list[int]:
+    """The layer counts the pruning may end with (the explicit target, or the search's range)."""
+    if cfg.target.params is None:
+        return [explicit_sizes(model, cfg).num_layers]
+    from nemo_quant.pruning.search import allowed_sizes
+
+    arch = arch_of_config(model.config, _vocab(model))
+    return allowed_sizes(arch, cfg, *parallel_sizes())["num_layers"]
+
+
 def _loaded_problem(model: nn.Module, cfg: PruneConfig) -> str | None:
     if cfg.plan is not None and not is_applied(model, cfg.plan):
         return "the model's shapes differ from the prune plan its checkpoint records"
@@ -158,4 +172,5 @@ PRUNE = register_mode(Mode(
     check=_check,
     data_step=prune,
     loaded_problem=_loaded_problem,
+    decisions=frozenset({"plan"}),
 ))

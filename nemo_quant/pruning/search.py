@@ -21,6 +21,7 @@ from nemo_quant.pruning.decide import Sizes, kept_heads, make_plan, top_sorted
 from nemo_quant.pruning.importance import Importance
 from nemo_quant.pruning.masked_view import identity_plan, masked_loss
 from nemo_quant.runtime.distributed_init import is_main_rank
+from nemo_quant.utils.progress import progress
 
 
 class SearchError(ConfigError):
@@ -136,6 +137,29 @@ def search_sizes(model, arch: LlamaArch, cfg: PruneConfig, imp: Importance,
 def skip_losses(model, windows: torch.Tensor) -> torch.Tensor:
     """Calibration loss with each layer skipped in turn (higher = the layer matters more)."""
     losses = torch.zeros(model.config.num_layers)
+    bar = progress(total=model.config.num_layers, desc="prune: skip-loss", unit="layer")
     for g in range(model.config.num_layers):
-        losses[g] = masked_loss(model, identity_plan(model.config, skip=g), windows)
+        losses[g] = masked_loss(model, identity_plan(model.config, skip=(g,)), windows)
+        bar.update(1)
+    bar.close()
     return losses
+
+
+def iterative_skip_scores(model, windows: torch.Tensor, keep: int) -> torch.Tensor:
+    """Greedy depth pruning down to `keep` layers: each round drops the layer whose skipping (with
+    the earlier rounds' layers skipped too) gives the least calibration loss. Scores: the round a
+    layer was dropped in (first dropped lowest), the kept layers above every dropped one."""
+    total = model.config.num_layers
+    dropped: list[int] = []
+    bar = progress(total=sum(total - i for i in range(total - keep)), desc="prune: iterative skip-loss", unit="pass")
+    while len(dropped) < total - keep:
+        losses = {}
+        for g in (g for g in range(total) if g not in dropped):
+            losses[g] = masked_loss(model, identity_plan(model.config, skip=(*dropped, g)), windows)
+            bar.update(1)
+        dropped.append(min(losses, key=lambda g: (losses[g], g)))
+    bar.close()
+    scores = torch.full((total,), float(total))
+    for round_, g in enumerate(dropped):
+        scores[g] = round_
+    return scores

@@ -42,3 +42,18 @@ def test_qlora_merge_ptq_recipe(tmp_path):
     assert "bitsandbytes-nf4 + peft-adapter checkpoint" in result.stdout
     config = json.loads((tmp_path / "out" / "deploy" / "config.json").read_text())
     assert config["quantization_config"]["quant_algo"] == "W4A16_AWQ"
+
+
+def test_prune_distill_quantize_recipe(tiny_dir, tmp_path):
+    (tmp_path / "text.txt").write_text("It is a truth universally acknowledged, that a single man in possession. " * 40)
+    data = [f"data.eval_files=[{tmp_path / 'text.txt'}]", f"data.calib_files=[{tmp_path / 'text.txt'}]",
+            "data=files", "data.seq_length=16", "data.eval_samples=2", "data.calib_samples=4", "train.seq_length=16",
+            "model.name=tiny", f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(tmp_path / "out"), "STEPS": "3", "PRUNE": "minitron_ffn",
+           "PRUNE_OVERRIDES": "prune.target.ffn_hidden_size=64",
+           "MODEL": str(tiny_dir / "tiny.gguf"), "NQ": f"{sys.executable} -m nemo_quant.cli.main"}
+    result = subprocess.run(["bash", str(RECIPES / "prune_distill_quantize.sh"), *data], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    config = json.loads((tmp_path / "out" / "deploy" / "config.json").read_text())
+    assert config["quantization_config"]["quant_algo"] == "FP8" and config["intermediate_size"] == 64

@@ -186,3 +186,15 @@ def test_empty_target_and_pruning_after_quantization_are_refused(megatron_tp1, t
     apply_modes(tiny_model, [("quantize", INT8_SQ)])
     with pytest.raises(ModeError, match="mode 'prune' cannot be applied after 'quantize'"):
         apply_modes(tiny_model, [("prune", {"target": {"num_layers": 2}})])
+
+
+def test_iterative_skip_loss_drops_the_identity_layer_first(megatron_tp1, tmp_path):
+    from nemo_quant.pruning.search import iterative_skip_scores
+
+    loaded = _load(_tiny_with_dead_parts(tmp_path))
+    scores = iterative_skip_scores(loaded.model, CALIB, keep=2)
+    assert float(scores[2]) == 0 and sorted(scores.tolist()).count(4.0) == 2  # round 0: the identity layer
+    apply_modes(loaded.model, [("prune", {"target": {"num_layers": 2}, "layer_score": "iterative_skip_loss"})])
+    get_mode("prune").data_step(loaded.model, windows_forward_loop(CALIB))
+    kept = mode_config(loaded.model, "prune").plan["layers"]
+    assert kept == [i for i in range(4) if scores[i] == 4.0]

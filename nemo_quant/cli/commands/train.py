@@ -24,7 +24,7 @@ def check_resume_modes(cfg: DictConfig, saved: list[dict], checkpoint: Path) -> 
     from nemo_quant.config.validate import ConfigError
     from nemo_quant.modes import get_mode
 
-    group = {"quantize": "quant"}
+    group = {"quantize": "quant"}  # mode name -> its config group
     for name, typed in configured_modes(cfg):
         key = group.get(name, name)
         mode = get_mode(name)
@@ -35,7 +35,8 @@ def check_resume_modes(cfg: DictConfig, saved: list[dict], checkpoint: Path) -> 
         want = OmegaConf.to_container(OmegaConf.structured(typed), enum_to_str=True)
         have = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(mode.config_class), entries[-1]),
                                       enum_to_str=True)
-        diffs = [f"{key}.{k}={want[k]!r} (the run has {have.get(k)!r})" for k in want if want[k] != have.get(k)]
+        diffs = [f"{key}.{k}={want[k]!r} (the run has {have.get(k)!r})" for k in want
+                 if k not in mode.decisions and want[k] != have.get(k)]
         if diffs:
             raise ConfigError(f"resuming {checkpoint} with a different {key} config: {'; '.join(diffs)}. Resume with "
                               "the run's own config, or start a new run (a new checkpoint.save, or train.resume=false).")
