@@ -104,3 +104,14 @@ def gather_messages(message: str | None) -> list[str | None]:
 def barrier() -> None:
     if _multi_rank():
         dist.barrier()
+
+
+def send_object(obj, dst: int) -> None:
+    """Point-to-point: a picklable object to global rank `dst` (between nemo_quant's own ranks)."""
+    dist.send_object_list([obj], dst=dst)
+
+
+def recv_object(src: int):
+    box = [None]
+    dist.recv_object_list(box, src=src)
+    return box[0]

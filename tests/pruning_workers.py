@@ -80,7 +80,7 @@ def distill_steps(model_path: str, tp: int, pp: int, prune_plan: dict, windows: 
                   save_dir: str, layers: list[str]):
     """A pruned student distilled from the unpruned model for `steps`: the losses."""
     from nemo_quant.distill.config import DistillConfig
-    from nemo_quant.distill.teacher import distill_objective
+    from nemo_quant.distill.teacher import build_teacher, distill_objective
     from nemo_quant.models.loading import load_model
     from nemo_quant.modes import apply_modes
     from nemo_quant.training.loop import TrainState, make_optimizer, train
@@ -89,8 +89,9 @@ def distill_steps(model_path: str, tp: int, pp: int, prune_plan: dict, windows: 
     _init(tp, pp)
     loaded = load_model(model_path)
     apply_modes(loaded.model, [("prune", {"plan": prune_plan})])
-    objective = distill_objective(DistillConfig(layers=layers, lm_weight=0.5), loaded.model, model_path, "float32",
-                                  None, loaded.vocab_size)
+    cfg = DistillConfig(layers=layers, lm_weight=0.5)
+    teacher = build_teacher(model_path, "float32", None, cfg, loaded.vocab_size)
+    objective = distill_objective(cfg, loaded.model, teacher, loaded.vocab_size)
     opt = make_optimizer(loaded.model, 1e-3, 0.0)
     state = train(loaded.model, loaded.source.arch, opt, windows, TrainState(), steps, 1, Path(save_dir), steps,
                   objective=objective)

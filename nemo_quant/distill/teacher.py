@@ -68,8 +68,7 @@ def kept_teacher_channels(cfg: DistillConfig, student: nn.Module, teacher: nn.Mo
     return prune.plan["hidden"]
 
 
-def distill_objective(cfg: DistillConfig, student: nn.Module, model_path, dtype: str, tokenizer,
-                      vocab_size: int) -> DistillObjective:
-    teacher = build_teacher(model_path, dtype, tokenizer, cfg, vocab_size)
+def distill_objective(cfg: DistillConfig, student: nn.Module, teacher: nn.Module, vocab_size: int) -> DistillObjective:
+    """The objective of `train` for a student whose modes are applied (layer pairs checked here)."""
     check_layer_pairs(cfg, student, teacher)
     return DistillObjective(teacher, cfg, vocab_size, student, kept_teacher_channels(cfg, student, teacher))

@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from nemo_quant.distributed import tp_all_gather
+from nemo_quant.distributed import recv_object, send_object, tp_all_gather
 from nemo_quant.models.megatron_layout import fc1_rows_in_tp1_order
 from nemo_quant.quantization.config import QuantizerSpec
 
@@ -102,16 +102,6 @@ def _writer_and_owners() -> tuple[bool, bool, list[int]]:
     return takes_part, sender, stage_ranks
 
 
-def _send(obj, dst: int) -> None:
-    dist.send_object_list([obj], dst=dst)
-
-
-def _recv(src: int):
-    box = [None]
-    dist.recv_object_list(box, src=src)
-    return box[0]
-
-
 def stream_model(model, vocab_size: int) -> Iterator[tuple[str, object]]:
     """Collective over the model's ranks: every rank must exhaust it. On rank 0 it yields
     ("embedding", t), then ("layer", LayerPiece) for every layer in global order, then
@@ -133,19 +123,19 @@ def stream_model(model, vocab_size: int) -> Iterator[tuple[str, object]]:
         for layer in layers:
             piece = _piece(layer)
             if sender:
-                _send(piece, 0)
+                send_object(piece, 0)
     else:
         for s in range(pp):
             for layer in layers:
-                yield "layer", _piece(layer) if s == 0 else _recv(stage_ranks[s])
+                yield "layer", _piece(layer) if s == 0 else recv_object(stage_ranks[s])
     if stage == pp - 1:
         head = _head(model, vocab_size)
         if rank == 0:
             yield "head", head
         elif sender:
-            _send(head, 0)
+            send_object(head, 0)
     elif rank == 0:
-        yield "head", _recv(stage_ranks[-1])
+        yield "head", recv_object(stage_ranks[-1])
 
 
 def _piece(layer) -> LayerPiece:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from nemo_quant.distributed import recv_object, send_object
 from nemo_quant.export.gather import gather_module
 from nemo_quant.models.megatron_layout import cols, fc1_rows_of_rank, rows
 
@@ -120,16 +121,6 @@ def parallel_sizes() -> tuple[int, int]:
     return tp, pp
 
 
-def _send(obj, dst: int) -> None:
-    dist.send_object_list([obj], dst=dst)
-
-
-def _recv(src: int):
-    box = [None]
-    dist.recv_object_list(box, src=src)
-    return box[0]
-
-
 def apply_plan(model: nn.Module, plan: dict) -> None:
     """Shrink `model` to the plan, in place; collective over every rank of the model."""
     from megatron.core.transformer.spec_utils import build_module
@@ -149,9 +140,9 @@ def apply_plan(model: nn.Module, plan: dict) -> None:
             if dst == stage:
                 mine[j] = local
             else:
-                _send(local, stage_ranks[dst])
+                send_object(local, stage_ranks[dst])
         elif stage == dst:
-            mine[j] = _recv(stage_ranks[src])
+            mine[j] = recv_object(stage_ranks[src])
     _resize_config(config, sizes, head_dim)
     spec = block.submodules.layer_specs[0]
     new_layers = []

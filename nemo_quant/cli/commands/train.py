@@ -42,6 +42,21 @@ def check_resume_modes(cfg: DictConfig, saved: list[dict], checkpoint: Path) -> 
                               "the run's own config, or start a new run (a new checkpoint.save, or train.resume=false).")
 
 
+def _teacher(cfg: DictConfig):
+    """The frozen teacher of `distill=...` (None without it), built before the student's modes."""
+    if cfg.get("distill") is None:
+        return None
+    from omegaconf import OmegaConf
+
+    from nemo_quant.distill.teacher import build_teacher
+    from nemo_quant.models.loading import load_tokenizer, resolve_model_path
+    from nemo_quant.models.sources import open_source
+
+    vocab = open_source(resolve_model_path(cfg.model.path)).arch.vocab_size
+    return build_teacher(cfg.model.path, cfg.model.dtype.value, cfg.model.tokenizer, OmegaConf.to_object(cfg.distill),
+                         vocab)
+
+
 def run_train(cfg: DictConfig) -> None:
     from nemo_quant.checkpoint.model_checkpoint import read_modes
     from nemo_quant.data.datasets import calibration_windows, training_windows
@@ -55,6 +70,7 @@ def run_train(cfg: DictConfig) -> None:
     if previous is not None:
         check_resume_modes(cfg, read_modes(previous), previous)
     with megatron_session(cfg):
+        teacher = _teacher(cfg)  # before any work: a teacher that cannot serve fails here
         if previous is not None:
             loaded = load_model(cfg.model.path, cfg.model.dtype.value, cfg.model.tokenizer, with_weights=False)
             optimizer, state = resume(loaded.model, lambda m: make_optimizer(
@@ -73,18 +89,18 @@ def run_train(cfg: DictConfig) -> None:
             state = TrainState()
         windows = training_windows(cfg.data, cfg.train, loaded.tokenizer)
         objective = None
-        if cfg.get("distill") is not None:
+        if teacher is not None:
             from omegaconf import OmegaConf
 
             from nemo_quant.distill.teacher import distill_objective
 
-            objective = distill_objective(OmegaConf.to_object(cfg.distill), loaded.model, cfg.model.path,
-                                          cfg.model.dtype.value, cfg.model.tokenizer, loaded.vocab_size)
+            objective = distill_objective(OmegaConf.to_object(cfg.distill), loaded.model, teacher, loaded.vocab_size)
         state = train(loaded.model, loaded.source.arch, optimizer, windows, state, cfg.train.steps,
                       cfg.train.micro_batch_size, save_dir, cfg.train.save_every, cfg.train.log_every,
                       cfg.train.warmup_steps, objective)
         first, last = state.losses[0], state.losses[-1]
-        report({"start": origin, "objective": f"distill={cfg.distill.name}" if cfg.get("distill") is not None else "lm", "modes": ", ".join(m["name"] for m in mode_state(loaded.model)) or "none",
+        report({"start": origin, "objective": f"distill={cfg.distill.name}" if teacher is not None else "lm",
+                "modes": ", ".join(m["name"] for m in mode_state(loaded.model)) or "none",
                 "steps": state.step, "loss first -> last": f"{first:.4f} -> {last:.4f}", "checkpoint": str(save_dir)})
         exported = {}
         if cfg.export is not None:
