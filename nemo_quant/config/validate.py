@@ -31,9 +31,9 @@ def validate(cfg: DictConfig) -> None:
             for path in cfg.data[key]:
                 if not Path(path).expanduser().is_file():
                     raise ConfigError(f"data.{key}: {path} does not exist.")
-        if not cfg.data.eval_files and cfg.command in ("eval", "ptq"):
+        if not cfg.data.eval_files and cfg.command in ("eval", "ptq", "prune"):
             raise ConfigError(f"data.name=files needs data.eval_files=[...] for `nemo-quant {cfg.command.value}`.")
-        if not cfg.data.calib_files and cfg.command in ("ptq", "train"):
+        if not cfg.data.calib_files and cfg.command in ("ptq", "train", "prune"):
             raise ConfigError(f"data.name=files needs data.calib_files=[...] for `nemo-quant {cfg.command.value}`.")
     _validate_command(cfg)
 

@@ -51,8 +51,10 @@ class PruneSearch:
 class PruneConfig:
     name: str = "minitron"
     target: PruneTarget = field(default_factory=PruneTarget)
-    channel_score: ChannelScore = ChannelScore.activation
-    layer_score: LayerScore = LayerScore.block_influence
+    # Defaults measured on SmolLM2 (benchmarks/results/pruning.md): `output` beats Minitron's
+    # activation score at FFN 1536 -> 1024, skip-loss beats block influence at 30 -> 22 layers.
+    channel_score: ChannelScore = ChannelScore.output
+    layer_score: LayerScore = LayerScore.skip_loss
     skip_loss_windows: int = 4  # calibration windows per loss of the skip-loss layer scores
     search: PruneSearch = field(default_factory=PruneSearch)
     # The decisions (kept indices, sizes), written by the mode after its data step and replayed

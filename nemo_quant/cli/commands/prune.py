@@ -13,7 +13,7 @@ from nemo_quant.cli.commands.common import (
 
 
 def run_prune(cfg: DictConfig) -> None:
-    from nemo_quant.cli.commands.ptq import _baseline
+    from nemo_quant.cli.commands.ptq import baseline_perplexity
     from nemo_quant.data.datasets import calibration_windows, evaluation_windows
     from nemo_quant.eval.perplexity import perplexity
     from nemo_quant.preflight import preflight
@@ -25,7 +25,7 @@ def run_prune(cfg: DictConfig) -> None:
         calib = calibration_windows(cfg.data, loaded.tokenizer)
         evals = evaluation_windows(cfg.data, loaded.tokenizer)
         before_arch = loaded.arch
-        before = _baseline(cfg, loaded, evals)
+        before = baseline_perplexity(cfg, loaded, evals)
         start = time.perf_counter()
         report = apply_with_data(cfg, loaded.model, modes, calib).get("prune") or {}
         seconds = time.perf_counter() - start

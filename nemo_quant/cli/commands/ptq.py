@@ -35,7 +35,7 @@ def _run_dir() -> str:
     return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else "."
 
 
-def _baseline(cfg: DictConfig, loaded, evals) -> float:
+def baseline_perplexity(cfg: DictConfig, loaded, evals) -> float:
     """The unquantized perplexity: from the cache when an earlier run measured the same thing
     (rank 0 decides, so every rank agrees whether to evaluate), else measured and stored."""
     from nemo_quant.distributed import gather_messages
@@ -76,7 +76,7 @@ def run_ptq(cfg: DictConfig) -> None:
         preflight(loaded.model, loaded.source.arch, modes, cfg.export)
         calib = calibration_windows(cfg.data, loaded.tokenizer)
         evals = evaluation_windows(cfg.data, loaded.tokenizer)
-        before = _baseline(cfg, loaded, evals)
+        before = baseline_perplexity(cfg, loaded, evals)
 
         start = time.perf_counter()
         plan_quant = (lambda qcfg: _auto_plan(cfg, loaded.model, calib, qcfg) if qcfg.auto is not None else qcfg)
