@@ -118,8 +118,9 @@ def prune(model: nn.Module, forward_loop) -> dict:
     before: LlamaArch = arch_of_config(model.config, _vocab(model),
                                        tie_word_embeddings=bool(model.share_embeddings_and_output_weights))
     windows = getattr(forward_loop, "windows", None)
-    layer_score = LayerScore(cfg.layer_score)
-    needs_windows = layer_score != LayerScore.block_influence or cfg.target.params is not None
+    # layer scores by the loss only when the depth may change
+    layer_score = LayerScore(cfg.layer_score) if min(allowed_depths(model, cfg)) < before.num_layers else None
+    needs_windows = layer_score not in (None, LayerScore.block_influence) or cfg.target.params is not None
     if needs_windows and windows is None:
         raise ConfigError("prune.layer_score=skip_loss / iterative_skip_loss and prune.target.params score by the loss, "
                           "which needs the calibration windows: pass a loop from windows_forward_loop(...).")
