@@ -83,8 +83,8 @@ def _validate_prune(cfg: DictConfig) -> None:
 
     if cfg.command == "prune":
         if cfg.get("prune") is None:
-            raise ConfigError("`nemo-quant prune` needs prune=<preset> (minitron_ffn, minitron_depth, minitron_budget) "
-                              "or prune.target.<dimension>=...; see conf/prune/.")
+            raise ConfigError("`nemo-quant prune` needs prune=<preset>: minitron_ffn, minitron_depth, minitron_budget, "
+                              "or prune=minitron prune.target.<dimension>=... (see conf/prune/).")
         if cfg.quant is not None or cfg.sparsity is not None or cfg.get("qlora") is not None:
             raise ConfigError("`nemo-quant prune` prunes only: drop quant/sparsity/qlora here and run ptq or train on "
                               "the pruned checkpoint (checkpoint.load=<dir>), or use `nemo-quant ptq prune=... quant=...`.")

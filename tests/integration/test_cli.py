@@ -257,7 +257,7 @@ def test_prune_then_distill_then_qad_from_the_command_line(text_files, tmp_path)
             f"data.calib_files=[{text_files / 'calib.jsonl'}]", "data.seq_length=16", "data.eval_samples=2",
             "data.calib_samples=4"]
     cli = [sys.executable, "-m", "nemo_quant.cli.main"]
-    pruned = _run([*cli, "prune", *base, "prune.target.ffn_hidden_size=64", "prune.target.num_layers=3",
+    pruned = _run([*cli, "prune", *base, "prune=minitron", "prune.target.ffn_hidden_size=64", "prune.target.num_layers=3",
                    f"checkpoint.save={tmp_path / 'pruned'}", f"hydra.run.dir={tmp_path / 'r1'}"])
     assert pruned.returncode == 0, pruned.stderr[-3000:]
     result = json.loads((tmp_path / "r1" / "results.json").read_text())
@@ -275,9 +275,10 @@ def test_prune_then_distill_then_qad_from_the_command_line(text_files, tmp_path)
                 f"checkpoint.save={tmp_path / 'qad'}", f"hydra.run.dir={tmp_path / 'r3'}"])
     assert qad.returncode == 0, qad.stderr[-3000:]
     assert "fp8 applied" in qad.stdout and "distill=logits" in qad.stdout
-    for bad, message in ((["prune", "prune.target.num_attention_heads=3"], "breaks GQA"),
+    for bad, message in ((["prune", "prune=minitron", "prune.target.num_attention_heads=3"], "breaks GQA"),
+                         (["prune", "prune=minitron"], "prune.target sets nothing to prune"),
                          (["train", "distill=logits", "distill.temperature=0"], "distill.temperature=0"),
-                         (["eval", "prune.target.num_layers=2"], "would be ignored")):
+                         (["eval", "prune=minitron_depth"], "would be ignored")):
         refused = _run([*cli, *bad[:1], *base, *bad[1:], f"checkpoint.save={tmp_path / 'x'}",
                         f"hydra.run.dir={tmp_path / 'bad'}"])
         assert refused.returncode != 0 and message in refused.stderr, refused.stderr[-2000:]
