@@ -1,6 +1,8 @@
 """Minitron pruning on the tiny model in one process: importance with a known answer, the pruned
 model equal to slicing the Hugging Face weights by hand, the masked view equal to the surgery,
 checkpoints that replay the plan, and every bad input refused before work."""
+import json
+
 import pytest
 import torch
 
@@ -145,6 +147,10 @@ def test_checkpoint_replays_the_plan_and_hf_export_reloads(megatron_tp1, tiny_di
     assert torch.equal(_logits(load_into(fresh.model, tmp_path / "ck")), want)
     export_checkpoint(loaded.model, loaded.arch, {"format": "hf", "path": str(tmp_path / "hf"), "dtype": "float32"}, loaded.tokenizer)
     assert torch.equal(_logits(_load(tmp_path / "hf").model), want)
+    export_checkpoint(loaded.model, loaded.arch, {"format": "trtllm", "path": str(tmp_path / "trt")}, loaded.tokenizer)
+    trt = json.loads((tmp_path / "trt" / "config.json").read_text())
+    assert (trt["num_hidden_layers"], trt["hidden_size"], trt["intermediate_size"], trt["head_size"],
+            trt["num_attention_heads"], trt["num_key_value_heads"]) == (3, 48, 64, TINY.head_dim, 2, 1)
 
 
 def test_exported_pruned_model_reproduces_our_logits_in_transformers(megatron_tp1, tiny_dir, tmp_path):
