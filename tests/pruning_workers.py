@@ -11,7 +11,7 @@ def _init(tp: int, pp: int) -> None:
 
 
 def prune_run(model_path: str, tp: int, pp: int, prune_cfg: dict, calib: torch.Tensor, evals: torch.Tensor,
-              save_dir: str | None = None, export_dir: str | None = None):
+              save_dir: str | None = None, export_dir: str | None = None, export_dtype: str = "bfloat16"):
     """Prune at TP x PP: (plan, full-vocab logits of `evals` on the last stage, HF export digests on rank 0)."""
     from nemo_quant.models.loading import load_model
     from nemo_quant.modes import apply_modes, get_mode, mode_config
@@ -31,9 +31,10 @@ def prune_run(model_path: str, tp: int, pp: int, prune_cfg: dict, calib: torch.T
     if export_dir is not None:
         from nemo_quant.export.writer import export_checkpoint
 
-        export_checkpoint(loaded.model, loaded.arch, {"format": "hf", "path": export_dir}, loaded.tokenizer)
+        export_checkpoint(loaded.model, loaded.arch, {"format": "hf", "path": export_dir, "dtype": export_dtype},
+                          loaded.tokenizer)
         digests = _hf_export_digests_of(export_dir)
-    return mode_config(loaded.model, "prune").plan, logits(loaded.model, evals), digests
+    return mode_config(loaded.model, "prune").plan, logits(loaded.model, evals, loaded.vocab_size), digests
 
 
 def _hf_export_digests_of(export_dir: str):

@@ -45,6 +45,9 @@ class PruneSearch:
     ffn_step: int = 64  # allowed ffn_hidden_size: multiples of this (and of TP)
     hidden_step: int = 64
     min_fraction: float = 0.5  # no dimension below this fraction of the model's
+    # Only sizes whose hidden_size divides by the head count: transformers' LlamaConfig refuses
+    # the others even with an explicit head_dim (vLLM and TensorRT-LLM read head_dim).
+    transformers_loadable: bool = True
 
 
 @dataclass

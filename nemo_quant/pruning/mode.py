@@ -77,7 +77,12 @@ def explicit_sizes(model: nn.Module, cfg: PruneConfig) -> Sizes:
 def _check(model: nn.Module, cfg: PruneConfig) -> None:
     if cfg.plan is not None:
         return
-    explicit_sizes(model, cfg)
+    sizes = explicit_sizes(model, cfg)
+    if sizes.hidden_size % sizes.num_attention_heads and is_main_rank():
+        print(f"[nemo_quant] warning: prune.target gives hidden_size={sizes.hidden_size} with "
+              f"{sizes.num_attention_heads} heads: transformers' LlamaConfig refuses a hidden size that is not a "
+              "multiple of the head count (even with head_dim), so its HF export loads in vLLM / TensorRT-LLM "
+              "but not in transformers.", flush=True)
     if cfg.target.params is not None:
         arch = arch_of_config(model.config, _vocab(model), tie_word_embeddings=bool(
             model.share_embeddings_and_output_weights))

@@ -85,7 +85,8 @@ def sizes_within_budget(arch: LlamaArch, cfg: PruneConfig, tp: int, pp: int) -> 
     budget, tolerance = cfg.target.params, cfg.search.tolerance
     space = allowed_sizes(arch, cfg, tp, pp)
     every = [(Sizes(layers, hidden, heads, groups, ffn)) for layers, hidden, ffn, (groups, heads) in itertools.product(
-        space["num_layers"], space["hidden_size"], space["ffn_hidden_size"], space["attention"])]
+        space["num_layers"], space["hidden_size"], space["ffn_hidden_size"], space["attention"])
+        if not cfg.search.transformers_loadable or hidden % heads == 0]
     counted = [(sizes, sizes.arch(arch).parameter_count()) for sizes in every]
     found = [(sizes, params) for sizes, params in counted if budget * (1 - tolerance) <= params <= budget]
     if not found:

@@ -45,10 +45,11 @@ def test_smollm2_prunes_alike_at_tp1_and_tp3(smollm2_path, prompt_tokens, tmp_pa
     from tests import pruning_workers
 
     calib = torch.cat([prompt_tokens[:, :16] + i for i in range(4)])  # 4 short windows: decisions only
-    target = {"target": {"num_layers": 24, "ffn_hidden_size": 1152, "num_attention_heads": 6, "hidden_size": 512},
+    # 480 = 6 x 80: transformers refuses a hidden size that is not a multiple of the head count
+    target = {"target": {"num_layers": 24, "ffn_hidden_size": 1152, "num_attention_heads": 6, "hidden_size": 480},
               "channel_score": "output"}
     outs = {tp: run_distributed(pruning_workers.prune_run, tp, str(smollm2_path), tp, 1, target, calib, prompt_tokens,
-                                None, str(tmp_path / f"tp{tp}"), timeout_s=600) for tp in (1, 3)}
+                                None, str(tmp_path / f"tp{tp}"), "float32", timeout_s=600) for tp in (1, 3)}
     plan1, logits1, digests1 = outs[1][0]
     assert all(o[0] == plan1 for o in outs[3]) and outs[3][0][2] == digests1
     torch.testing.assert_close(outs[3][0][1], logits1, rtol=1e-4, atol=5e-4)
@@ -56,4 +57,4 @@ def test_smollm2_prunes_alike_at_tp1_and_tp3(smollm2_path, prompt_tokens, tmp_pa
     hf = LlamaForCausalLM.from_pretrained(tmp_path / "tp1", torch_dtype=torch.float32).eval()
     with torch.no_grad():
         theirs = hf(prompt_tokens).logits
-    torch.testing.assert_close(theirs, logits1, rtol=2e-2, atol=2e-1)  # the export is bf16
+    torch.testing.assert_close(theirs, logits1, rtol=1e-4, atol=5e-4)  # fp32 export, summation order only

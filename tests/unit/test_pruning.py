@@ -204,3 +204,18 @@ def test_iterative_skip_loss_drops_the_identity_layer_first(megatron_tp1, tmp_pa
     get_mode("prune").data_step(loaded.model, windows_forward_loop(CALIB))
     kept = mode_config(loaded.model, "prune").plan["layers"]
     assert kept == [i for i in range(4) if scores[i] == 4.0]
+
+
+def test_a_hidden_size_transformers_refuses_is_warned_and_searches_avoid_it(megatron_tp1, tiny_model, capsys):
+    from nemo_quant.config.validate import ConfigError  # noqa: F401
+    from nemo_quant.modes import check_modes
+    from nemo_quant.pruning.config import PruneConfig, PruneTarget
+    from nemo_quant.pruning.search import sizes_within_budget
+
+    check_modes(tiny_model, [("prune", {"target": {"hidden_size": 50, "num_attention_heads": 4}})])
+    assert "hidden_size=50 with 4 heads: transformers' LlamaConfig refuses" in capsys.readouterr().out
+    cfg = PruneConfig(target=PruneTarget(params=0.9 * TINY.parameter_count()))
+    cfg.search.hidden_step, cfg.search.tolerance = 2, 0.2
+    assert all(s.hidden_size % s.num_attention_heads == 0 for s, _ in sizes_within_budget(TINY, cfg, 1, 1))
+    cfg.search.transformers_loadable = False
+    assert any(s.hidden_size % s.num_attention_heads for s, _ in sizes_within_budget(TINY, cfg, 1, 1))
