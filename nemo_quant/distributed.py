@@ -36,6 +36,15 @@ def sync_amax(amax: torch.Tensor, reduce_over_tp: bool) -> torch.Tensor:
     return amax
 
 
+def tp_rank_and_size() -> tuple[int, int]:
+    """This rank's tensor-parallel rank and the TP size ((0, 1) without TP)."""
+    from megatron.core import parallel_state as ps
+
+    if not dist.is_initialized() or not ps.model_parallel_is_initialized():
+        return 0, 1
+    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+
+
 def tp_all_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
     """In-place "sum" or "max" over the tensor-parallel group (identity without one)."""
     tp, _ = _groups()

@@ -11,29 +11,14 @@ from __future__ import annotations
 
 import torch
 
-
-def _tp():
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    if not dist.is_initialized() or ps.get_tensor_model_parallel_world_size() == 1:
-        return None, 0, 1
-    return ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+from nemo_quant.distributed import tp_all_reduce, tp_rank_and_size
 
 
-def _all_reduce(t: torch.Tensor, op: str, group) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if group is not None:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
-    return t
-
-
-def _log_softmax(z: torch.Tensor, group) -> torch.Tensor:
+def _log_softmax(z: torch.Tensor) -> torch.Tensor:
     """log softmax over the whole (TP-split) last dim."""
-    m = _all_reduce(z.max(dim=-1, keepdim=True).values, "max", group)
+    m = tp_all_reduce(z.max(dim=-1, keepdim=True).values, "max")
     shifted = z - m
-    total = _all_reduce(shifted.exp().sum(dim=-1, keepdim=True), "sum", group)
+    total = tp_all_reduce(shifted.exp().sum(dim=-1, keepdim=True), "sum")
     return shifted - total.log()
 
 
@@ -50,13 +35,13 @@ def _masked(z: torch.Tensor, true_vocab: int | None, rank: int) -> torch.Tensor:
 class _VocabParallelKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, temperature, true_vocab):
-        group, rank, _ = _tp()
-        log_ps = _log_softmax(_masked(student.float() / temperature, true_vocab, rank), group)
-        log_pt = _log_softmax(_masked(teacher.float() / temperature, true_vocab, rank), group)
+        rank, _ = tp_rank_and_size()
+        log_ps = _log_softmax(_masked(student.float() / temperature, true_vocab, rank))
+        log_pt = _log_softmax(_masked(teacher.float() / temperature, true_vocab, rank))
         p_t = log_pt.exp()
         # 0 * (-inf - -inf) on padded entries: take p_t * (...) only where p_t > 0
         terms = torch.where(p_t > 0, p_t * (log_pt - log_ps), torch.zeros_like(p_t))
-        kl = _all_reduce(terms.sum(dim=-1), "sum", group)
+        kl = tp_all_reduce(terms.sum(dim=-1), "sum")
         ctx.save_for_backward(log_ps, p_t)
         ctx.temperature, ctx.dtype = temperature, student.dtype
         return kl

@@ -13,22 +13,14 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from nemo_quant.distributed import tp_rank_and_size
 from nemo_quant.models.megatron_layout import cols
-
-
-def _tp():
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    if not dist.is_initialized():
-        return 0, 1
-    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
 
 
 def _local_mask(kept: list[int], total: int, repeat: int = 1) -> torch.Tensor:
     mask = torch.zeros(total)
     mask[kept] = 1.0
-    rank, tp = _tp()
+    rank, tp = tp_rank_and_size()
     return cols(mask.repeat_interleave(repeat).unsqueeze(0), rank, tp)[0]
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from nemo_quant.config.validate import ConfigError
 from nemo_quant.models.arch import arch_of_config
+from nemo_quant.models.builder import true_vocab_size
 from nemo_quant.modes import Mode, record_decision, register_mode
 from nemo_quant.pruning.config import LayerScore, PruneConfig
 from nemo_quant.pruning.decide import Sizes, make_plan
@@ -84,7 +85,7 @@ def _check(model: nn.Module, cfg: PruneConfig) -> None:
               "multiple of the head count (even with head_dim), so its HF export loads in vLLM / TensorRT-LLM "
               "but not in transformers.", flush=True)
     if cfg.target.params is not None:
-        arch = arch_of_config(model.config, _vocab(model), tie_word_embeddings=bool(
+        arch = arch_of_config(model.config, true_vocab_size(model), tie_word_embeddings=bool(
             model.share_embeddings_and_output_weights))
         if cfg.target.params >= arch.parameter_count():
             raise ConfigError(f"prune.target.params={cfg.target.params:.4g} is not below the model's "
@@ -92,12 +93,6 @@ def _check(model: nn.Module, cfg: PruneConfig) -> None:
         from nemo_quant.pruning.search import sizes_within_budget
 
         sizes_within_budget(arch, cfg, *parallel_sizes())
-
-
-def _vocab(model: nn.Module) -> int:
-    from nemo_quant.models.builder import true_vocab_size
-
-    return true_vocab_size(model)
 
 
 def _apply(model: nn.Module, cfg: PruneConfig) -> None:
@@ -120,7 +115,7 @@ def prune(model: nn.Module, forward_loop) -> dict:
     if cfg.plan is not None:
         return {"replayed": True}
     start = time.perf_counter()
-    before: LlamaArch = arch_of_config(model.config, _vocab(model),
+    before: LlamaArch = arch_of_config(model.config, true_vocab_size(model),
                                        tie_word_embeddings=bool(model.share_embeddings_and_output_weights))
     windows = getattr(forward_loop, "windows", None)
     # layer scores by the loss only when the depth may change
@@ -159,7 +154,7 @@ def allowed_depths(model: nn.Module, cfg: PruneConfig) -> list[int]:
         return [explicit_sizes(model, cfg).num_layers]
     from nemo_quant.pruning.search import allowed_sizes
 
-    arch = arch_of_config(model.config, _vocab(model))
+    arch = arch_of_config(model.config, true_vocab_size(model))
     return allowed_sizes(arch, cfg, *parallel_sizes())["num_layers"]
 
 

@@ -207,7 +207,6 @@ def test_iterative_skip_loss_drops_the_identity_layer_first(megatron_tp1, tmp_pa
 
 
 def test_a_hidden_size_transformers_refuses_is_warned_and_searches_avoid_it(megatron_tp1, tiny_model, capsys):
-    from nemo_quant.config.validate import ConfigError  # noqa: F401
     from nemo_quant.modes import check_modes
     from nemo_quant.pruning.config import PruneConfig, PruneTarget
     from nemo_quant.pruning.search import sizes_within_budget
