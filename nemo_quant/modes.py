@@ -39,12 +39,16 @@ class Mode:
     # Config keys the data step fills in (`record_decision`), not set by users: a resumed run's
     # config is compared without them.
     decisions: frozenset[str] = frozenset()
+    # State-dict key prefixes a checkpoint keeps when this mode is applied (speculative heads: only
+    # the heads; the frozen base is rebuilt from model.path). Empty: the whole model.
+    checkpoint_prefixes: tuple[str, ...] = ()
 
 
 _MODES: dict[str, Mode] = {}
 CANONICAL_ORDER = "prune -> sparsity -> quantize | qlora -> speculative heads"
 # Built-in modes, imported on first use: each registers itself; none imports another's internals.
-_BUILTIN_MODES = ("nemo_quant.pruning.mode", "nemo_quant.quantization.mode", "nemo_quant.sparsity.mode", "nemo_quant.qlora.mode")
+_BUILTIN_MODES = ("nemo_quant.pruning.mode", "nemo_quant.quantization.mode", "nemo_quant.sparsity.mode",
+                  "nemo_quant.qlora.mode", "nemo_quant.speculative.mode")
 
 
 def register_mode(mode: Mode) -> Mode:
@@ -143,6 +147,11 @@ def restore_modes(model: nn.Module, state: list[dict]) -> nn.Module:
     for entry in state:
         apply_mode(model, entry["name"], entry["config"])
     return model
+
+
+def saved_prefixes(state: list[dict]) -> tuple[str, ...]:
+    """The key prefixes a checkpoint of a model with `state` holds (empty: everything)."""
+    return tuple(p for entry in state for p in get_mode(entry["name"]).checkpoint_prefixes)
 
 
 def loaded_problems(model: nn.Module) -> str | None:

@@ -18,7 +18,7 @@ from torch import nn
 from nemo_quant.checkpoint.atomic import atomic_directory
 from nemo_quant.distributed import barrier, gather_messages
 from nemo_quant.models.arch import LlamaArch
-from nemo_quant.modes import loaded_problems, mode_state, restore_modes
+from nemo_quant.modes import loaded_problems, mode_state, restore_modes, saved_prefixes
 from nemo_quant.runtime.distributed_init import is_main_rank
 
 MODES_FILE = "nemo_quant_modes.json"
@@ -34,13 +34,24 @@ def save_model(model: nn.Module, arch: LlamaArch, path: str | Path, overwrite: b
         if is_main_rank():
             (staging / MODEL_DIR).mkdir()
         barrier()
-        dist_checkpointing.save(model.sharded_state_dict(), str(staging / MODEL_DIR))
+        dist_checkpointing.save(_kept(model.sharded_state_dict(), saved_prefixes(mode_state(model))),
+                                str(staging / MODEL_DIR))
         if is_main_rank():
             (staging / MODES_FILE).write_text(json.dumps(mode_state(model), indent=2))
             (staging / ARCH_FILE).write_text(json.dumps(dataclasses.asdict(arch), indent=2))
         if extra_writer is not None:
             extra_writer(staging)
     return Path(path)
+
+
+def _kept(state: dict, prefixes: tuple[str, ...]) -> dict:
+    return {k: v for k, v in state.items() if k.startswith(prefixes)} if prefixes else state
+
+
+def holds_base(path: str | Path) -> bool:
+    """False for a checkpoint that holds only a mode's modules (speculative heads): its base must be
+    built with weights from model.path before `load_into`."""
+    return not saved_prefixes(read_modes(path))
 
 
 def read_arch(path: str | Path) -> LlamaArch:
@@ -59,9 +70,10 @@ def load_into(model: nn.Module, path: str | Path) -> nn.Module:
     if not (path / MODEL_DIR).is_dir():
         raise FileNotFoundError(f"{path} is not a nemo_quant checkpoint (no {MODEL_DIR}/ inside).")
     restore_modes(model, read_modes(path))
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(path / MODEL_DIR))
+    prefixes = saved_prefixes(mode_state(model))
+    state = dist_checkpointing.load(_kept(model.sharded_state_dict(), prefixes), str(path / MODEL_DIR))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
+    missing = [k for k in missing if not k.endswith("_extra_state") and (not prefixes or k.startswith(prefixes))]
     if missing or unexpected:
         raise RuntimeError(f"{path}: checkpoint does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
     problems = [p for p in gather_messages(loaded_problems(model)) if p]
@@ -74,4 +86,7 @@ def load_model_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) 
     """Build this rank's shard from arch.json and load the checkpoint into it."""
     from nemo_quant.models.builder import build_gpt_model
 
+    if not holds_base(path):
+        raise ValueError(f"{path} holds only speculative heads: load the base from model.path first (nemo-quant "
+                         "commands do: model.path=<base> checkpoint.load=<heads>).")
     return load_into(build_gpt_model(read_arch(path), dtype), path)

@@ -16,6 +16,7 @@ from nemo_quant.distill.config import DistillConfig
 from nemo_quant.export.config import ExportConfig
 from nemo_quant.pruning.config import PruneConfig
 from nemo_quant.qlora.config import QLoRAConfig
+from nemo_quant.speculative.config import SpeculativeConfig
 from nemo_quant.quantization.config import QuantConfig
 from nemo_quant.sparsity.config import SparsityConfig
 
@@ -109,6 +110,8 @@ class AppConfig:
     sparsity: Optional[SparsityConfig] = None
     quant: Optional[QuantConfig] = None
     qlora: Optional[QLoRAConfig] = None
+    # Speculative-decoding heads (Medusa, EAGLE-3/EAGLE-1, MTP) on the frozen model, last.
+    speculative: Optional[SpeculativeConfig] = None
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     # Knowledge distillation from the unmodified model (a training option of `nemo-quant train`).
@@ -128,4 +131,5 @@ def register_configs() -> None:
     cs.store(group="prune", name="schema", node=PruneConfig)
     cs.store(group="distill", name="schema", node=DistillConfig)
     cs.store(group="qlora", name="schema", node=QLoRAConfig)
+    cs.store(group="speculative", name="schema", node=SpeculativeConfig)
     cs.store(group="export", name="schema", node=ExportConfig)

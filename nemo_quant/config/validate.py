@@ -62,6 +62,7 @@ def _validate_command(cfg: DictConfig) -> None:
         validate_sparsity_config(OmegaConf.to_object(cfg.sparsity))
     if cfg.get("qlora") is not None:
         _validate_qlora(cfg)
+    _validate_speculative(cfg)
     _validate_export(cfg)
     if cfg.command == "train":
         if cfg.checkpoint.save is None:
@@ -76,6 +77,28 @@ def _validate_command(cfg: DictConfig) -> None:
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise ConfigError(f"train.adam_betas={betas}: give two values in [0, 1), e.g. [0.9, 0.95].")
 
+
+
+def _validate_speculative(cfg: DictConfig) -> None:
+    from omegaconf import OmegaConf
+
+    spec = cfg.get("speculative")
+    if spec is None:
+        return
+    if cfg.command not in ("train", "eval", "export"):
+        raise ConfigError(f"speculative={spec.name} adds draft heads that must be trained: use `nemo-quant train "
+                          f"speculative={spec.name} ...` (then eval / export with checkpoint.load=<dir>).")
+    if cfg.command in ("eval", "export") and cfg.checkpoint.load is None:
+        raise ConfigError(f"`nemo-quant {cfg.command.value} speculative={spec.name}` needs the trained heads: "
+                          "checkpoint.load=<dir written by nemo-quant train speculative=...>.")
+    if cfg.get("qlora") is not None:
+        raise ConfigError("speculative heads need a frozen base and qlora trains adapters on it: train the QLoRA "
+                          "model, merge it (export=merged), then train heads on the merged model.")
+    if cfg.get("distill") is not None:
+        raise ConfigError("speculative heads bring their own objective (self-distillation from the base): drop distill.")
+    from nemo_quant.speculative.mode import validate_speculative_config
+
+    validate_speculative_config(OmegaConf.to_object(spec))
 
 
 def _validate_prune(cfg: DictConfig) -> None:

@@ -37,3 +37,14 @@ def training_windows(data: DictConfig, train: DictConfig, tokenizer: Tokenizer) 
     available = len(ids) // (train.seq_length + 1)
     count = min(available, train.max_train_windows) if train.max_train_windows else available
     return token_windows(ids, max(count, 1), train.seq_length + 1, what="training")
+
+
+def strided_prompts(data: DictConfig, tokenizer: Tokenizer, split: str, count: int, length: int,
+                    stride: int) -> torch.Tensor:
+    """[count, length] prompts, prompt i starting at token stride * i of the split (BENCHMARKS.md's
+    speculative prompts: 64 x 128 tokens of Persuasion at 1024 * i); fewer when the text runs out."""
+    ids = torch.as_tensor(tokenizer.encode(_text(data, split), add_special_tokens=False).ids, dtype=torch.int64)
+    starts = [stride * i for i in range(count) if stride * i + length <= ids.numel()]
+    if not starts:
+        raise ValueError(f"{split}: {ids.numel()} tokens hold no prompt of {length} tokens.")
+    return torch.stack([ids[s:s + length] for s in starts])

@@ -22,10 +22,11 @@ def megatron_session(cfg: DictConfig):
 
 def load_for_command(cfg: DictConfig) -> LoadedModel:
     """The configured model; from a nemo_quant checkpoint (modes replayed) when checkpoint.load is set."""
-    loaded = load_model(cfg.model.path, cfg.model.dtype.value, cfg.model.tokenizer, with_weights=cfg.checkpoint.load is None)
-    if cfg.checkpoint.load is not None:
-        from nemo_quant.checkpoint.model_checkpoint import load_into
+    from nemo_quant.checkpoint.model_checkpoint import holds_base, load_into
 
+    with_weights = cfg.checkpoint.load is None or not holds_base(cfg.checkpoint.load)
+    loaded = load_model(cfg.model.path, cfg.model.dtype.value, cfg.model.tokenizer, with_weights=with_weights)
+    if cfg.checkpoint.load is not None:
         load_into(loaded.model, cfg.checkpoint.load)
     return loaded
 
@@ -35,8 +36,8 @@ def quant_config(cfg: DictConfig):
 
 
 def configured_modes(cfg: DictConfig, model=None) -> list[tuple[str, object]]:
-    """The job's modes in canonical order (prune, sparsity, quantize or qlora), less those `model` already
-    carries (a checkpoint that was pruned or quantized before)."""
+    """The job's modes in canonical order (prune, sparsity, quantize or qlora, speculative heads), less
+    those `model` already carries (a checkpoint that was pruned or quantized before)."""
     from nemo_quant.modes import mode_state
 
     done = {m["name"] for m in mode_state(model)} if model is not None else set()
@@ -49,6 +50,12 @@ def configured_modes(cfg: DictConfig, model=None) -> list[tuple[str, object]]:
         modes.append(("quantize", quant_config(cfg)))
     if cfg.get("qlora") is not None and "qlora" not in done:
         modes.append(("qlora", OmegaConf.to_object(cfg.qlora)))
+    if cfg.get("speculative") is not None:
+        from nemo_quant.speculative.config import MODE_OF_METHOD, Method
+
+        name = MODE_OF_METHOD[Method(cfg.speculative.method)]
+        if name not in done:
+            modes.append((name, OmegaConf.to_object(cfg.speculative)))
     return modes
 
 

@@ -27,5 +27,12 @@ def run_eval(cfg: DictConfig) -> None:
             "load_s": f"{load_s:.1f}",
             "total_s": f"{time.perf_counter() - start:.1f}",
         }
+        extra = {}
+        from nemo_quant.speculative.jobs import acceptance_report, heads_config
+
+        if heads_config(loaded.model) is not None:
+            extra["acceptance"] = acceptance_report(cfg, loaded.model, loaded.tokenizer, loaded.vocab_size)
+            summary["tau (k: tokens/step)"] = ", ".join(f"k={k}: {t:.3f}" for k, t in extra["acceptance"]["tau"].items())
+            summary["draft top-1 by position"] = " ".join(f"{a:.3f}" for a in extra["acceptance"]["top1"])
         report(summary)
-        write_results({**summary, "perplexity": result.perplexity, "nll_sum": result.nll_sum, "predictions": result.predictions})
+        write_results({**summary, **extra, "perplexity": result.perplexity, "nll_sum": result.nll_sum, "predictions": result.predictions})

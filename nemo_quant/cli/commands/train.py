@@ -24,7 +24,7 @@ def check_resume_modes(cfg: DictConfig, saved: list[dict], checkpoint: Path) -> 
     from nemo_quant.config.validate import ConfigError
     from nemo_quant.modes import get_mode
 
-    group = {"quantize": "quant"}  # mode name -> its config group
+    group = {"quantize": "quant", "medusa": "speculative", "eagle": "speculative", "mtp": "speculative"}  # mode -> group
     for name, typed in configured_modes(cfg):
         key = group.get(name, name)
         mode = get_mode(name)
@@ -72,7 +72,10 @@ def run_train(cfg: DictConfig) -> None:
     with megatron_session(cfg):
         teacher = _teacher(cfg)  # before any work: a teacher that cannot serve fails here
         if previous is not None:
-            loaded = load_model(cfg.model.path, cfg.model.dtype.value, cfg.model.tokenizer, with_weights=False)
+            from nemo_quant.checkpoint.model_checkpoint import holds_base
+
+            loaded = load_model(cfg.model.path, cfg.model.dtype.value, cfg.model.tokenizer,
+                                with_weights=not holds_base(previous))
             optimizer, state = resume(loaded.model, lambda m: make_optimizer(
                 m, cfg.train.lr, cfg.train.weight_decay, cfg.train.adam_betas), previous)
             preflight(loaded.model, loaded.arch, [], cfg.export)
@@ -89,6 +92,15 @@ def run_train(cfg: DictConfig) -> None:
             state = TrainState()
         windows = training_windows(cfg.data, cfg.train, loaded.tokenizer)
         objective = None
+        from nemo_quant.speculative.jobs import heads_config
+
+        spec = heads_config(loaded.model)
+        if spec is not None:
+            from nemo_quant.speculative.jobs import training_sequences
+            from nemo_quant.speculative.objective import SpeculativeObjective
+
+            windows = training_sequences(cfg, spec, loaded.model, windows, loaded.vocab_size)
+            objective = SpeculativeObjective(loaded.model, spec, loaded.vocab_size)
         if teacher is not None:
             from omegaconf import OmegaConf
 
@@ -99,7 +111,8 @@ def run_train(cfg: DictConfig) -> None:
                       cfg.train.micro_batch_size, save_dir, cfg.train.save_every, cfg.train.log_every,
                       cfg.train.warmup_steps, objective)
         first, last = state.losses[0], state.losses[-1]
-        report({"start": origin, "objective": f"distill={cfg.distill.name}" if teacher is not None else "lm",
+        kind = f"distill={cfg.distill.name}" if teacher is not None else f"heads={spec.method.value}" if spec else "lm"
+        report({"start": origin, "objective": kind,
                 "modes": ", ".join(m["name"] for m in mode_state(loaded.model)) or "none",
                 "steps": state.step, "loss first -> last": f"{first:.4f} -> {last:.4f}", "checkpoint": str(save_dir)})
         exported = {}

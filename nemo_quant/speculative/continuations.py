@@ -1,0 +1,80 @@
+"""The base's own greedy continuations of prompts: the heads' self-distilled training data and the
+ground truth of the acceptance measurement. Computed by full re-forwards (the output layer only
+on the last position) at the job's TP, and cached under $NEMO_QUANT_CACHE/continuations keyed by
+the base's fingerprint, the prompts, the length, the layout and the code versions."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nemo_quant.runtime.pipeline import position_ids_for
+from nemo_quant.utils.progress import progress
+
+
+def greedy_continue(model: nn.Module, prompts: torch.Tensor, new_tokens: int, true_vocab: int,
+                    batch_size: int = 16) -> torch.Tensor:
+    """[n, p] prompts -> [n, p + new_tokens]: each step appends the base's argmax (PP=1)."""
+    from nemo_quant.speculative.vocab import vocab_parallel_argmax
+
+    def last_position_only(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("input_")
+        return (hidden[-1:], *args[1:]), kwargs
+
+    hook = model.output_layer.register_forward_pre_hook(last_position_only, with_kwargs=True, prepend=True)
+    out = []
+    bar = progress(total=prompts.shape[0] * new_tokens, desc="greedy continuations", unit="tok")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in prompts.split(batch_size):
+                seq = batch.clone()
+                for _ in range(new_tokens):
+                    logits = model(seq, position_ids_for(seq), None)  # [b, 1, V/tp]
+                    seq = torch.cat([seq, vocab_parallel_argmax(logits[:, -1], true_vocab)[:, None]], dim=1)
+                    bar.update(batch.shape[0])
+                out.append(seq)
+    finally:
+        hook.remove()
+        model.train(was_training)
+        bar.close()
+    return torch.cat(out)
+
+
+def _key(model: nn.Module, prompts: torch.Tensor, new_tokens: int) -> str:
+    from importlib.metadata import version
+
+    from nemo_quant.distributed import tp_rank_and_size
+    from nemo_quant.speculative.mode import fingerprint
+
+    parts = [fingerprint(model), hashlib.sha256(prompts.numpy().tobytes()).hexdigest()[:16], str(tuple(prompts.shape)),
+             str(new_tokens), f"tp{tp_rank_and_size()[1]}", str(next(model.parameters()).dtype),
+             *(f"{p}={version(p)}" for p in ("nemo_quant", "megatron-core", "torch"))]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+def cached_continuations(model: nn.Module, prompts: torch.Tensor, new_tokens: int, true_vocab: int,
+                         batch_size: int = 16) -> torch.Tensor:
+    """`greedy_continue`, read from / written to the cache (atomically, by the main rank)."""
+    from safetensors.torch import load_file, save_file
+
+    from nemo_quant.distributed import barrier
+    from nemo_quant.runtime.distributed_init import is_main_rank
+    from nemo_quant.utils.cache import cache_root
+
+    path = cache_root() / "continuations" / f"{_key(model, prompts, new_tokens)}.safetensors"
+    if path.is_file():
+        if is_main_rank():
+            print(f"[nemo_quant] greedy continuations from the cache: {path}", flush=True)
+        return load_file(str(path))["tokens"]
+    tokens = greedy_continue(model, prompts, new_tokens, true_vocab, batch_size)
+    if is_main_rank():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(f"{path}.tmp")
+        save_file({"tokens": tokens.contiguous()}, str(tmp))
+        tmp.replace(path)
+    barrier()
+    return tokens
