@@ -1,6 +1,5 @@
 """The base's own greedy continuations of prompts: the heads' self-distilled training data and the
-ground truth of the acceptance measurement. Computed by full re-forwards (the output layer only
-on the last position) at the job's TP, and cached under $NEMO_QUANT_CACHE/continuations keyed by
+ground truth of the acceptance measurement. Decoded with a KV cache at the job's TP, and cached under $NEMO_QUANT_CACHE/continuations keyed by
 the base's fingerprint, the prompts, the length, the layout and the code versions."""
 from __future__ import annotations
 
@@ -16,14 +15,10 @@ from nemo_quant.utils.progress import progress
 
 def greedy_continue(model: nn.Module, prompts: torch.Tensor, new_tokens: int, true_vocab: int,
                     batch_size: int = 16) -> torch.Tensor:
-    """[n, p] prompts -> [n, p + new_tokens]: each step appends the base's argmax (PP=1)."""
-    from nemo_quant.speculative.vocab import vocab_parallel_argmax
+    """[n, p] prompts -> [n, p + new_tokens]: each step appends the base's argmax (PP=1), decoded
+    with megatron-core's static KV cache (it reproduces full re-forwards token for token; tested)."""
+    from megatron.core.inference.contexts import StaticInferenceContext
 
-    def last_position_only(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("input_")
-        return (hidden[-1:], *args[1:]), kwargs
-
-    hook = model.output_layer.register_forward_pre_hook(last_position_only, with_kwargs=True, prepend=True)
     out = []
     bar = progress(total=prompts.shape[0] * new_tokens, desc="greedy continuations", unit="tok")
     was_training = model.training
@@ -31,14 +26,18 @@ def greedy_continue(model: nn.Module, prompts: torch.Tensor, new_tokens: int, tr
     try:
         with torch.no_grad():
             for batch in prompts.split(batch_size):
-                seq = batch.clone()
+                context = StaticInferenceContext(batch.shape[0], batch.shape[1] + new_tokens)
+                step, positions, generated = batch, position_ids_for(batch), []
                 for _ in range(new_tokens):
-                    logits = model(seq, position_ids_for(seq), None)  # [b, 1, V/tp]
-                    seq = torch.cat([seq, vocab_parallel_argmax(logits[:, -1], true_vocab)[:, None]], dim=1)
+                    logits = model(step, positions, None, inference_context=context, runtime_gather_output=True)
+                    context.sequence_len_offset += step.shape[1]
+                    context.enable_decode_mode()
+                    step = logits[:, -1, :true_vocab].argmax(-1, keepdim=True)
+                    positions = torch.full_like(step, context.sequence_len_offset)
+                    generated.append(step)
                     bar.update(batch.shape[0])
-                out.append(seq)
+                out.append(torch.cat([batch, *generated], dim=1))
     finally:
-        hook.remove()
         model.train(was_training)
         bar.close()
     return torch.cat(out)

@@ -1,6 +1,8 @@
-"""What the heads train on: Medusa and MTP by cross entropy against x[p+2] (the base's greedy
-token on self-distilled data), EAGLE by soft cross entropy against the base's distribution at
-p+1 (KL, same gradient), each draft step weighted step_decay**s; all on vocab-parallel logits."""
+"""What the heads train on (self-distillation: the base is the only teacher): Medusa and MTP by
+cross entropy against the base's greedy token at p+1 (what greedy verification accepts at p+2;
+on the base's own continuations it is x[p+2]), EAGLE by soft cross entropy against the base's
+distribution at p+1 (KL, same gradient); draft step s weighted step_decay**s; all on the
+vocab-parallel logits, never gathered."""
 from __future__ import annotations
 
 import torch
@@ -18,6 +20,13 @@ def shifted(x: torch.Tensor, by: int, dim: int) -> torch.Tensor:
 def hard_targets(view: BaseView) -> torch.Tensor:
     """x[p+2] at row p, [s, b]."""
     return shifted(view.tokens, 2, 1).t().contiguous()
+
+
+def base_greedy_targets(view: BaseView, true_vocab: int) -> torch.Tensor:
+    """The base's argmax at p+1 at row p, [s, b]."""
+    from nemo_quant.speculative.vocab import vocab_parallel_argmax
+
+    return shifted(vocab_parallel_argmax(view.logits, true_vocab), 1, 1).t().contiguous()
 
 
 def soft_targets(view: BaseView, draft) -> torch.Tensor:
@@ -41,7 +50,8 @@ def draft_loss(draft, view: BaseView, steps: int, decay: float, scale: float, tr
     logits = draft.draft_logits(view, steps)
     seq = view.tokens.shape[1]
     soft = draft.uses_base_logits
-    target = soft_targets(view, draft) if soft else hard_targets(view)
+    greedy = base_greedy_targets(view, true_vocab)
+    target = soft_targets(view, draft) if soft else greedy
     vocab = draft.draft_ids.numel() if getattr(draft, "draft_ids", None) is not None else true_vocab
     total = torch.zeros((), dtype=torch.float32)
     accuracy = []
@@ -52,7 +62,7 @@ def draft_loss(draft, view: BaseView, steps: int, decay: float, scale: float, tr
         else:
             per_token = vocab_parallel_cross_entropy(out.float(), target)
         total = total + decay ** s * per_token[rows].mean()
-        accuracy.append(float((predicted_ids(draft, out)[rows] == hard_targets(view)[rows]).float().mean()))
+        accuracy.append(float((predicted_ids(draft, out)[rows] == greedy[rows]).float().mean()))
     return scale * total, accuracy
 
 
