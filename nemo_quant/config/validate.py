@@ -165,7 +165,8 @@ def _validate_qlora(cfg: DictConfig) -> None:
 
 def _validate_export(cfg: DictConfig) -> None:
     if cfg.command == "export" and cfg.export is None:
-        raise ConfigError("`nemo-quant export` needs an export preset: add export=hf, export=trtllm or export=both, "
+        raise ConfigError("`nemo-quant export` needs an export preset: add export=hf, export=trtllm, export=both or "
+                          "export=draft (speculative heads), "
                           "and export.path=<dir>.")
     if cfg.export is None:
         return

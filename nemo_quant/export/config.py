@@ -15,6 +15,8 @@ class ExportTarget(str, Enum):
     # QLoRA / LoRA models (qlora/export.py): <path>/base (bitsandbytes NF4) + <path>/adapter (PEFT)
     peft = "peft"
     merged = "merged"  # dequant(W) + scaling * B A in export.dtype: a plain HF checkpoint
+    # Speculative heads (speculative/export.py): EAGLE-3 draft, vLLM Medusa or DeepSeek-style MTP directory
+    draft = "draft"
 
 
 class ExportDType(str, Enum):

@@ -128,6 +128,12 @@ class TRTLLMWriter:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.files = [SafetensorsFile(self.directory / f"rank{n}.safetensors") for n in range(tp * pp)]
         self.per_stage = arch.num_layers // pp
+        self.medusa: tuple[dict, int, int] | None = None
+
+    def add_medusa(self, tensors: dict[str, tuple[torch.Tensor, str]], heads: int, layers: int) -> None:
+        """Medusa heads beside the base (TensorRT-LLM's MedusaForCausalLM): on the last stage, H x H
+        layers split by rows, vocab heads by vocabulary rows."""
+        self.medusa = (tensors, heads, layers)
 
     def _rank(self, tp_rank: int, pp_rank: int) -> SafetensorsFile:
         return self.files[tp_rank + pp_rank * self.tp]
@@ -163,12 +169,21 @@ class TRTLLMWriter:
             out = self._rank(r, self.pp - 1)
             out.add("transformer.ln_f.weight", norm)
             out.add("lm_head.weight", shard)
+        if self.medusa is not None:
+            for name, (t, split) in self.medusa[0].items():
+                shards = _vocab_shards(t, self.tp) if split == "vocab" else t.chunk(self.tp, dim=0)
+                for r, shard in enumerate(shards):
+                    self._rank(r, self.pp - 1).add(name, shard.contiguous())
 
     def finish(self, summary: QuantSummary, producer: dict) -> list[Path]:
         for f in self.files:
             f.close()
         quant, quant_cfg = summary.trtllm_quantization(self.pp)
         config = trtllm_config(self.arch, self.dtype, self.tp, self.pp, self.architecture, quant, producer)
+        if self.medusa is not None:
+            # TensorRT-LLM's Medusa converter defaults: max_draft_len = the tree's token budget (63).
+            config.update({"architecture": "MedusaForCausalLM", "model_type": "llama", "num_medusa_heads": self.medusa[1],
+                           "num_medusa_layers": self.medusa[2], "max_draft_len": 63})
         sparsity = summary.sparsity_config(trtllm=True)
         if sparsity is not None:
             config["sparsity"] = sparsity  # trtllm-build --weight_sparsity turns the zeros into sparse GEMMs

@@ -65,6 +65,12 @@ def export_problems(model, arch: LlamaArch, cfg: ExportConfig, specs_of=layer_sp
             raise ExportError("export.path is not set; give the directory to write (export.path=/path/to/ckpt).")
         if cfg.max_shard_size_gb <= 0:
             raise ExportError(f"export.max_shard_size_gb={cfg.max_shard_size_gb}: must be positive.")
+        from nemo_quant.speculative.jobs import heads_config
+
+        if cfg.format == ExportTarget.draft:
+            from nemo_quant.speculative.export import draft_problem
+
+            return draft_problem(heads_config(model))
         qlora = _qlora_of(model) if qlora_cfg is _FROM_MODEL else qlora_cfg
         problem = qlora_export_problem(cfg, qlora)
         if problem or qlora is not None:
@@ -121,11 +127,23 @@ def preflight(model, arch: LlamaArch, cfg: ExportConfig) -> None:
 
 def export_checkpoint(model, arch: LlamaArch, cfg: ExportConfig, tokenizer=None) -> ExportResult:
     """Write `cfg.format` to `cfg.path`; every rank of the model calls this."""
+    from nemo_quant.speculative.jobs import heads_config
+
     cfg = as_export_config(cfg)
     preflight(model, arch, cfg)
     dtype = DTYPES[getattr(cfg.dtype, "value", cfg.dtype)]
     start = time.perf_counter()
     result = ExportResult(Path(cfg.path).expanduser().resolve())
+    heads = heads_config(model)
+    if cfg.format == ExportTarget.draft:
+        from nemo_quant.speculative.export import write_draft
+
+        result.files = write_draft(model, arch, cfg, heads)
+        result.seconds = time.perf_counter() - start
+        if is_main_rank():
+            result.bytes_written = sum(f.stat().st_size for f in result.files)
+        return result
+    medusa = _medusa_for_trtllm(model, arch, cfg, heads, dtype)
     summary = QuantSummary()
     summary.sparsity = _sparsity_of(model)
     if summary.sparsity is not None:
@@ -139,6 +157,8 @@ def export_checkpoint(model, arch: LlamaArch, cfg: ExportConfig, tokenizer=None)
         writers = {}
         if is_main_rank():
             writers = qlora_writers(staging, arch, dtype, cfg, qlora) if qlora else _writers(staging, arch, dtype, cfg)
+            if medusa is not None and "trtllm" in writers:
+                writers["trtllm"].add_medusa(*medusa)
         stream = stream_model(model, arch.vocab_size)
         failure = None
         try:
@@ -168,6 +188,26 @@ def export_checkpoint(model, arch: LlamaArch, cfg: ExportConfig, tokenizer=None)
         result.files = [result.path / f.relative_to(staging) for f in result.files]
         result.bytes_written = sum(f.stat().st_size for f in result.path.rglob("*") if f.is_file())
     return result
+
+
+def _medusa_for_trtllm(model, arch: LlamaArch, cfg: ExportConfig, heads, dtype):
+    """(tensors, heads, layers) of Medusa heads for the TensorRT-LLM checkpoint (gathered on every
+    rank; collective), or None; heads of other methods are not part of an hf/trtllm export (say so)."""
+    if heads is None:
+        return None
+    from nemo_quant.speculative.config import Method
+
+    if Method(heads.method) != Method.medusa or cfg.format not in (ExportTarget.trtllm, ExportTarget.both):
+        if is_main_rank():
+            print(f"[nemo_quant] export.format={cfg.format.value} writes the base model; its {heads.method.value} "
+                  "heads are written by export.format=draft.", flush=True)
+        return None
+    from nemo_quant.export.gather import gather_module
+    from nemo_quant.speculative.export import medusa_trtllm_tensors
+    from nemo_quant.speculative.mode import ATTR
+
+    tensors = medusa_trtllm_tensors(gather_module(getattr(model, ATTR)), heads, arch, dtype)
+    return tensors, heads.num_heads, heads.head_layers
 
 
 def _sparsity_of(model) -> dict | None:
