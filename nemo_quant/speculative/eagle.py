@@ -10,14 +10,14 @@ predicts the next feature, which the base's own output layer turns into logits.
 from __future__ import annotations
 
 import torch
-from megatron.core.transformer.module import MegatronModule
 
 from nemo_quant.speculative.base_view import BaseView
+from nemo_quant.speculative.draft_module import DraftModule
 from nemo_quant.speculative.draft_layer import DraftDecoderLayer, column
 from nemo_quant.speculative.unroll import run_unrolled
 
 
-class EagleDraft(MegatronModule):
+class EagleDraft(DraftModule):
     uses_base_logits = True
 
     def __init__(self, config, version: int, aux_layers: list[int], padded_draft_vocab: int | None,

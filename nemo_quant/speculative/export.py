@@ -73,9 +73,10 @@ def eagle3_files(t: dict[str, torch.Tensor], cfg: SpeculativeConfig, arch: Llama
                                "use_last_layernorm": True}}
     if sorted(aux) != default_aux_layers(arch.num_layers):
         config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] = sorted(aux)
-        print(f"[nemo_quant] warning: speculative.aux_layers={aux} are written as eagle_aux_hidden_state_layer_ids in "
-              "the output-of-layer-k convention (SGLang, TensorRT-LLM, ModelOpt); vLLM 0.32 reads id k as the state "
-              f"entering layer k: for vLLM write {[i + 1 for i in sorted(aux)]}.", flush=True)
+        if is_main_rank():
+            print(f"[nemo_quant] warning: speculative.aux_layers={aux} are written as eagle_aux_hidden_state_layer_ids in "
+                  "the output-of-layer-k convention (SGLang, TensorRT-LLM, ModelOpt); vLLM 0.32 reads id k as the "
+                  f"state entering layer k: for vLLM write {[i + 1 for i in sorted(aux)]}.", flush=True)
     config["nemo_quant"] = {"method": "eagle3", "aux_layer_outputs": sorted(aux), "ttt_steps": cfg.ttt_steps}
     return config, out
 
@@ -116,7 +117,7 @@ def mtp_files(model: nn.Module, t: dict[str, torch.Tensor], arch: LlamaArch, dty
     p = f"model.layers.{arch.num_layers}."
     out = {p + "enorm.weight": t["mtp.enorm.weight"], p + "hnorm.weight": t["mtp.hnorm.weight"],
            p + "eh_proj.weight": t["mtp.eh_proj.weight"], p + "shared_head.norm.weight": t["mtp.final_layernorm.weight"],
-           p + "shared_head.head.weight": head, p + "embed_tokens.weight": embedding}
+           p + "shared_head.head.weight": head.clone(), p + "embed_tokens.weight": embedding}
     out.update({p + k: v for k, v in layer_hf.items()})
     config = {**hf_model_config(arch, dtype), "num_nextn_predict_layers": 1,
               "nemo_quant": {"method": "mtp", "note": "DeepSeek-V3 MTP names (enorm/hnorm/eh_proj with the embedding "

@@ -11,6 +11,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from nemo_quant.speculative.base_view import BaseView
 from nemo_quant.speculative.draft_layer import column
+from nemo_quant.speculative.draft_module import DraftModule
 
 
 class ResBlock(MegatronModule):
@@ -25,7 +26,9 @@ class ResBlock(MegatronModule):
         return x + F.silu(self.linear(x)[0])
 
 
-class MedusaHead(MegatronModule):
+class MedusaHead(DraftModule):
+    module_lists = ("blocks",)
+
     def __init__(self, config, layers: int, vocab: int, base_head: torch.Tensor):
         super().__init__(config)
         self.blocks = torch.nn.ModuleList(ResBlock(config) for _ in range(layers))
@@ -39,7 +42,8 @@ class MedusaHead(MegatronModule):
         return self.lm_head(hidden)[0]
 
 
-class MedusaHeads(MegatronModule):
+class MedusaHeads(DraftModule):
+    module_lists = ("heads",)
     aux_layers: list[int] = []
     uses_base_logits = False
 

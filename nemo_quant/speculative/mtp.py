@@ -5,14 +5,14 @@ Chained drafts reuse the layer on its own (post-norm) output, as engines chain o
 from __future__ import annotations
 
 import torch
-from megatron.core.transformer.module import MegatronModule
 
 from nemo_quant.speculative.base_view import BaseView
+from nemo_quant.speculative.draft_module import DraftModule
 from nemo_quant.speculative.unroll import run_unrolled
 
 
 
-class MTPDraft(MegatronModule):
+class MTPDraft(DraftModule):
     aux_layers: list[int] = []
     uses_base_logits = False
 
