@@ -323,6 +323,10 @@ def validate_trtllm(directory: Path, report: Report) -> None:
         if stage == pp - 1:
             expected["transformer.ln_f.weight"] = ({dtype}, [[a.h]], True)
             expected["lm_head.weight"] = ({dtype}, [[vocab_r, a.h]], not config.get("share_embedding_table", False))
+            if config["architecture"] == "MedusaForCausalLM":
+                from nemo_quant.export.validate_draft import trtllm_medusa_expected
+
+                expected.update(trtllm_medusa_expected(config, dtype, vocab_r, tp))
         for j in range(per_stage):
             p = f"transformer.layers.{j}."
             expected[p + "input_layernorm.weight"] = ({dtype}, [[a.h]], True)
@@ -368,6 +372,7 @@ def _check_trtllm_sparsity(directory: Path, block: dict, quant: QuantBlock, tp: 
 
 
 def validate_checkpoint(directory: str | Path) -> Report:
+    from nemo_quant.export.validate_draft import draft_kind, validate_draft
     from nemo_quant.export.validate_qlora import is_bnb_nf4, validate_bnb_nf4, validate_peft
 
     directory = Path(directory)
@@ -389,6 +394,8 @@ def validate_checkpoint(directory: str | Path) -> Report:
     if "architecture" in config and (directory / "rank0.safetensors").is_file():
         report.kind = "trtllm"
         validate_trtllm(directory, report)
+    elif draft_kind(config) is not None:
+        validate_draft(directory, config, report)
     elif is_bnb_nf4(config):
         report.kind = "bitsandbytes-nf4"
         validate_bnb_nf4(directory, config, report)

@@ -44,12 +44,14 @@ def greedy_continue(model: nn.Module, prompts: torch.Tensor, new_tokens: int, tr
 
 
 def _key(model: nn.Module, prompts: torch.Tensor, new_tokens: int) -> str:
+    """Base, first prompt, lengths, layout and code versions: runs over more (or fewer) of the same
+    prompts share one entry, which grows as needed."""
     from importlib.metadata import version
 
     from nemo_quant.distributed import tp_rank_and_size
     from nemo_quant.speculative.mode import fingerprint
 
-    parts = [fingerprint(model), hashlib.sha256(prompts.numpy().tobytes()).hexdigest()[:16], str(tuple(prompts.shape)),
+    parts = [fingerprint(model), hashlib.sha256(prompts[0].numpy().tobytes()).hexdigest()[:16], str(prompts.shape[1]),
              str(new_tokens), f"tp{tp_rank_and_size()[1]}", str(next(model.parameters()).dtype),
              *(f"{p}={version(p)}" for p in ("nemo_quant", "megatron-core", "torch"))]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
@@ -57,7 +59,8 @@ def _key(model: nn.Module, prompts: torch.Tensor, new_tokens: int) -> str:
 
 def cached_continuations(model: nn.Module, prompts: torch.Tensor, new_tokens: int, true_vocab: int,
                          batch_size: int = 16) -> torch.Tensor:
-    """`greedy_continue`, read from / written to the cache (atomically, by the main rank)."""
+    """`greedy_continue`, read from / added to the cache (written atomically by the main rank): only
+    the prompts the entry lacks are decoded."""
     from safetensors.torch import load_file, save_file
 
     from nemo_quant.distributed import barrier
@@ -65,12 +68,19 @@ def cached_continuations(model: nn.Module, prompts: torch.Tensor, new_tokens: in
     from nemo_quant.utils.cache import cache_root
 
     path = cache_root() / "continuations" / f"{_key(model, prompts, new_tokens)}.safetensors"
-    if path.is_file():
+    have = load_file(str(path))["tokens"] if path.is_file() else prompts.new_zeros(0, prompts.shape[1] + new_tokens)
+    known = 0
+    while known < min(len(have), len(prompts)) and torch.equal(have[known, : prompts.shape[1]], prompts[known]):
+        known += 1
+    if known == len(prompts):
         if is_main_rank():
             print(f"[nemo_quant] greedy continuations from the cache: {path}", flush=True)
-        return load_file(str(path))["tokens"]
-    tokens = greedy_continue(model, prompts, new_tokens, true_vocab, batch_size)
-    if is_main_rank():
+        return have[:known].clone()
+    if known and is_main_rank():
+        print(f"[nemo_quant] {known} greedy continuations from the cache ({path}); decoding {len(prompts) - known}",
+              flush=True)
+    tokens = torch.cat([have[:known], greedy_continue(model, prompts[known:], new_tokens, true_vocab, batch_size)])
+    if is_main_rank() and known == len(have):  # the entry grows; a diverging run keeps its own data uncached
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(f"{path}.tmp")
         save_file({"tokens": tokens.contiguous()}, str(tmp))

@@ -23,8 +23,9 @@ KEY_PREFIX = f"{ATTR}."
 
 
 def default_aux_layers(num_layers: int) -> list[int]:
-    """Low, middle and high layer outputs ([1, 14, 26] of 30 layers), as EAGLE-3 and the engines pick them."""
-    return [1, num_layers // 2 - 1, num_layers - 4]
+    """Low, middle and high layer outputs ([1, 14, 26] of 30 layers), as EAGLE-3 and the engines pick them
+    (deduplicated on small models, as ModelOpt does)."""
+    return sorted({min(1, num_layers - 1), max(0, num_layers // 2 - 1), max(0, num_layers - 4)})
 
 
 def aux_layers(cfg: SpeculativeConfig, num_layers: int) -> list[int]:

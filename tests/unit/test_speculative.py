@@ -195,3 +195,30 @@ def test_heads_follow_quantization_but_not_qlora_and_nothing_follows_them(megatr
     apply_modes(qlora, [("qlora", {**preset("qlora", "lora"), "rank": 4})])
     with pytest.raises(ModeError, match="cannot be applied after 'qlora'"):
         apply_modes(qlora, [("eagle", spec_config("eagle3"))])
+
+
+@pytest.mark.parametrize("method", ["mtp", "medusa", "eagle3"])
+def test_draft_exports_validate_and_a_damaged_one_does_not(megatron_tp1, tmp_path, method):
+    from safetensors.torch import load_file, save_file
+
+    from nemo_quant.export.validate import validate_checkpoint
+    from nemo_quant.export.writer import export_checkpoint
+
+    model = lively_model()
+    apply_modes(model, [(METHOD_MODE[method], spec_config(method))])
+    export_checkpoint(model, TINY, {"format": "draft", "path": str(tmp_path / "d")})
+    report = validate_checkpoint(tmp_path / "d")
+    assert report.ok, report.errors
+    tensors = load_file(str(tmp_path / "d" / "model.safetensors"))
+    tensors.pop(sorted(tensors)[0])
+    save_file(tensors, str(tmp_path / "d" / "model.safetensors"))
+    assert any("missing tensor" in e for e in validate_checkpoint(tmp_path / "d").errors)
+
+
+def test_draft_export_of_a_model_without_heads_is_refused(megatron_tp1, tmp_path):
+    from nemo_quant.export.formats import ExportError
+    from nemo_quant.export.writer import export_checkpoint
+
+    with pytest.raises(ExportError, match="has none"):
+        export_checkpoint(lively_model(), TINY, {"format": "draft", "path": str(tmp_path / "d")})
+    assert not (tmp_path / "d").exists()
