@@ -61,7 +61,7 @@ def read_header(path: Path) -> dict[str, dict]:
 
 def _check_file_layout(path: Path, header: dict, report: Report) -> None:
     """Offsets contiguous, sizes matching dtype x shape, data exactly filling the file."""
-    sizes = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I32": 4, "I64": 8}
+    sizes = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I32": 4, "I64": 8, "BOOL": 1}
     end = 0
     for name, e in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
         start, stop = e["data_offsets"]

@@ -57,7 +57,8 @@ def validate_draft(directory: Path, config: dict, report: Report) -> None:
                                  "draft_vocab_size"], "config.json", report):
             return
         h, vd, v = config["hidden_size"], config["draft_vocab_size"], config["vocab_size"]
-        aux = len((config.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids") or [0, 0, 0])
+        ids = (config.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+        aux = config.get("num_aux_hidden_states") or (len(ids) if ids else 3)  # vLLM's order of precedence
         expected = _llama_layer(config, "midlayer.", dtype, 2 * h, ("hidden_norm",))
         expected.update({"fc.weight": (dtype, [[h, aux * config.get("target_hidden_size", h)]], True),
                          "norm.weight": (dtype, [[h]], True), "lm_head.weight": (dtype, [[vd, h]], True),

@@ -69,6 +69,7 @@ def eagle3_files(t: dict[str, torch.Tensor], cfg: SpeculativeConfig, arch: Llama
 
     config = {**hf_model_config(arch, dtype), "architectures": ["LlamaForCausalLMEagle3"], "num_hidden_layers": 1,
               "draft_vocab_size": vocab, "target_hidden_size": arch.hidden_size, "tie_word_embeddings": False,
+              "num_aux_hidden_states": len(aux),
               "eagle_config": {"use_aux_hidden_state": True, "use_input_layernorm_in_first_layer": True,
                                "use_last_layernorm": True}}
     if sorted(aux) != default_aux_layers(arch.num_layers):
