@@ -50,7 +50,16 @@ def acceptance_report(cfg: DictConfig, model: nn.Module, tokenizer, true_vocab: 
     from nemo_quant.eval.acceptance import measure_acceptance
     from nemo_quant.speculative.continuations import cached_continuations
 
-    spec = OmegaConf.to_object(cfg.speculative) if cfg.get("speculative") is not None else heads_config(model)
+    from nemo_quant.config.validate import ConfigError
+    from nemo_quant.speculative.config import MODE_OF_METHOD
+
+    spec, heads = heads_config(model), heads_config(model)
+    if cfg.get("speculative") is not None:
+        spec = OmegaConf.to_object(cfg.speculative)
+        if heads is None or MODE_OF_METHOD[spec.method] != MODE_OF_METHOD[heads.method]:
+            raise ConfigError(f"speculative={cfg.speculative.name} but {cfg.checkpoint.load} holds "
+                              f"{'no heads' if heads is None else heads.method.value + ' heads'}: drop speculative= "
+                              "(the checkpoint's heads are measured) or load the matching checkpoint.")
     prompts = strided_prompts(cfg.data, tokenizer, "evaluation", spec.eval_prompts, spec.prompt_tokens,
                               spec.eval_stride)
     sequences = cached_continuations(model, prompts, spec.continuation_tokens, true_vocab)

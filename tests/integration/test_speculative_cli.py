@@ -45,6 +45,9 @@ def test_eagle3_trains_evaluates_and_exports_a_draft(job):
     acceptance = json.loads((root / "r2" / "results.json").read_text())["acceptance"]
     assert set(acceptance["tau"]) == {"1", "3", "5"} and all(1.0 <= t <= int(k) + 1 for k, t in acceptance["tau"].items())
     assert "tau (k: tokens/step)" in evaluated.stdout
+    wrong = _run(["eval", *base, f"checkpoint.load={root / 'e3' / 'step_3'}", "speculative=medusa",
+                  f"hydra.run.dir={root / 'r2b'}"], root / "cache")
+    assert wrong.returncode != 0 and "holds eagle3 heads" in wrong.stderr, wrong.stderr[-2000:]
     exported = _run(["export", *base, f"checkpoint.load={root / 'e3' / 'step_3'}", "export=draft",
                      f"export.path={root / 'draft'}", f"hydra.run.dir={root / 'r3'}"], root / "cache")
     assert exported.returncode == 0, exported.stderr[-3000:]

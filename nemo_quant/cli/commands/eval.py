@@ -30,7 +30,7 @@ def run_eval(cfg: DictConfig) -> None:
         extra = {}
         from nemo_quant.speculative.jobs import acceptance_report, heads_config
 
-        if heads_config(loaded.model) is not None:
+        if heads_config(loaded.model) is not None or cfg.get("speculative") is not None:
             extra["acceptance"] = acceptance_report(cfg, loaded.model, loaded.tokenizer, loaded.vocab_size)
             summary["tau (k: tokens/step)"] = ", ".join(f"k={k}: {t:.3f}" for k, t in extra["acceptance"]["tau"].items())
             summary["draft top-1 by position"] = " ".join(f"{a:.3f}" for a in extra["acceptance"]["top1"])
