@@ -21,10 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
+
+from cli_run import run_cli
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = {"ffn": "minitron_ffn", "depth": "minitron_depth", "budget": "minitron_budget"}
@@ -39,25 +39,14 @@ TRAIN = ["train.lr=1e-5", "train.warmup_steps=10", "train.adam_betas=[0.9,0.95]"
          "train.seq_length=512", "train.resume=false"]
 
 
-def _cli(args: list[str], run_dir: Path) -> dict:
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "nemo_quant.cli.main", *args, f"hydra.run.dir={run_dir}"],
-                          capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads((run_dir / "results.json").read_text())
-    result["wall_s"] = time.perf_counter() - start
-    return result
-
-
 def _start(kind: str, target: str, work: Path, modelopt: str | None) -> tuple[dict, list[str]]:
     """The one-shot result and the overrides that make a run start from it."""
     ckpt = work / f"{kind}_{target}"
     if kind == "prune":
-        r = _cli(["prune", f"prune={TARGETS[target]}", f"checkpoint.save={ckpt}"], work / f"s_{kind}_{target}")
+        r = run_cli(["prune", f"prune={TARGETS[target]}", f"checkpoint.save={ckpt}"], work / f"s_{kind}_{target}")
         return {**r, "one_shot_ppl": r["pruned_ppl"]}, [f"checkpoint.load={ckpt}"]
     if kind == "ptq":
-        r = _cli(["ptq", f"quant={target}", f"checkpoint.save={ckpt}"], work / f"s_{kind}_{target}")
+        r = run_cli(["ptq", f"quant={target}", f"checkpoint.save={ckpt}"], work / f"s_{kind}_{target}")
         return {**r, "one_shot_ppl": r["quant_ppl"], "sizes": None}, [f"checkpoint.load={ckpt}"]
     if modelopt is None:
         raise SystemExit("ModelOpt runs need --modelopt <python of the minitron venv> (make minitron-venv)")
@@ -89,8 +78,8 @@ def main() -> None:
         distill = ["distill=logits", *[a for a in start if a.startswith("distill.")]] if objective == "distill" else []
         train_args = ["train", *[a for a in start if not a.startswith("distill.")], f"checkpoint.save={work / run}",
                       f"train.steps={args.steps}", f"train.save_every={args.steps}", *TRAIN, *distill]
-        trained = _cli(train_args, work / f"t_{run}")
-        final = _cli(["eval", *model, f"checkpoint.load={work / run / f'step_{args.steps}'}"], work / f"e_{run}")
+        trained = run_cli(train_args, work / f"t_{run}")
+        final = run_cli(["eval", *model, f"checkpoint.load={work / run / f'step_{args.steps}'}"], work / f"e_{run}")
         row = {"run": run, "start": kind, "target": target, "objective": objective, "sizes": one_shot.get("sizes"),
                "params_after": one_shot.get("params_after"), "baseline_ppl": one_shot["baseline_ppl"],
                "one_shot_ppl": one_shot["one_shot_ppl"], "trained_ppl": final["perplexity"], "steps": args.steps,

@@ -16,34 +16,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from cli_run import run_cli
 
 RESULTS = Path(__file__).parent / "results"
 RUNS = {"medusa": "medusa", "eagle1": "eagle1", "eagle3": "eagle3", "eagle3_d2t": "eagle3_d2t", "mtp": "mtp"}
 
 
-def _cli(args: list[str], run_dir: Path) -> dict:
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "nemo_quant.cli.main", *args, f"hydra.run.dir={run_dir}"],
-                          capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads((run_dir / "results.json").read_text())
-    result["wall_s"] = time.perf_counter() - start
-    return result
-
-
 def run(name: str, steps: int, micro_batch: int, work: Path) -> dict:
     ckpt = work / name
-    train = _cli(["train", f"speculative={RUNS[name]}", f"train.steps={steps}", f"train.save_every={steps}",
+    train = run_cli(["train", f"speculative={RUNS[name]}", f"train.steps={steps}", f"train.save_every={steps}",
                   f"train.micro_batch_size={micro_batch}", "train.lr=1e-3", "train.warmup_steps=10",
                   "train.adam_betas=[0.9,0.95]", "train.seq_length=512", "train.resume=false",
                   f"checkpoint.save={ckpt}"], work / f"t_{name}")
-    evaluated = _cli(["eval", f"checkpoint.load={ckpt / f'step_{steps}'}", "data.eval_samples=4"], work / f"e_{name}")
+    evaluated = run_cli(["eval", f"checkpoint.load={ckpt / f'step_{steps}'}", "data.eval_samples=4"], work / f"e_{name}")
     acc = evaluated["acceptance"]
     return {"run": name, "steps": steps, "micro_batch": micro_batch, "train_tokens": steps * micro_batch * 191,
             "loss_first": train["losses"][0], "loss_last": train["losses"][-1], "train_wall_s": train["wall_s"],

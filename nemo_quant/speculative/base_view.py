@@ -34,6 +34,15 @@ class BaseView:
         """x[p+1] at row p (the last row repeats a token; it has no target)."""
         return torch.cat([self.tokens[:, 1:], self.tokens[:, -1:]], dim=1)
 
+    def step_embeds(self, steps: int, next_tokens: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """What each unrolled draft step consumes: x[p+1] at row p, or the caller's own tokens."""
+        return [self.embed(t) for t in (next_tokens or [self.next_tokens()] * steps)]
+
+    def block_rotary(self, rows: int) -> torch.Tensor:
+        """Rotary frequencies for `rows` = n concatenated unroll blocks (each block restarts at 0)."""
+        seq = self.hidden.shape[0]
+        return torch.cat([self.rotary(seq)] * (rows // seq), 0)
+
 
 def base_head_weight(model: nn.Module) -> torch.Tensor:
     """This rank's vocab-parallel output weight (the embedding's when they are tied)."""

@@ -41,14 +41,10 @@ class EagleDraft(DraftModule):
 
     def draft_logits(self, view: BaseView, steps: int, next_tokens: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Vocab-parallel logits [s, b, V/tp] of steps 0..steps-1 (see unroll.py for the rows)."""
-        next_tokens = next_tokens or [view.next_tokens()] * steps
-        embeds = [view.embed(t) for t in next_tokens]
-        seq = view.hidden.shape[0]
-        rotary = view.rotary(seq)
+        embeds = view.step_embeds(steps, next_tokens)
 
         def layer_fn(hidden, emb, mask):
-            blocks = hidden.shape[0] // seq
-            return self.layer(hidden, emb if self.version == 3 else None, mask, torch.cat([rotary] * blocks, 0))
+            return self.layer(hidden, emb if self.version == 3 else None, mask, view.block_rotary(hidden.shape[0]))
 
         if self.version == 3:
             first = self.fc(torch.cat([view.aux[i] for i in self.aux_layers], dim=-1))[0]

@@ -28,16 +28,12 @@ class MTPDraft(DraftModule):
                                     required_pgs=["cp"]))
 
     def draft_logits(self, view: BaseView, steps: int, next_tokens: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        next_tokens = next_tokens or [view.next_tokens()] * steps
-        embeds = [view.embed(t) for t in next_tokens]
-        seq = view.hidden.shape[0]
-        rotary = view.rotary(seq)
+        embeds = view.step_embeds(steps, next_tokens)
 
         def layer_fn(hidden, emb, mask):
-            blocks = hidden.shape[0] // seq
             x = self.mtp._concat_embeddings(hidden, emb)
             x, _ = self.mtp.transformer_layer(hidden_states=x, attention_mask=mask,
-                                              rotary_pos_emb=torch.cat([rotary] * blocks, 0))
+                                              rotary_pos_emb=view.block_rotary(hidden.shape[0]))
             return self.mtp._postprocess(x)
 
         outputs = run_unrolled(layer_fn, view.hidden, embeds, steps)
