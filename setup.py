@@ -7,9 +7,15 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).parent
 
 
-def conf_files() -> list[str]:
-    # conf/ ships inside the wheel as nemo_quant/conf so the Hydra app finds it installed.
-    return [str(p.relative_to(ROOT / "conf")) for p in (ROOT / "conf").rglob("*.yaml")]
+def yaml_files(folder: str) -> list[str]:
+    return [str(p.relative_to(ROOT / folder)) for p in (ROOT / folder).rglob("*.yaml")]
+
+
+# Foreign Hydra apps: the search-path plugin installs as hydra_plugins.nemo_quant_searchpath, its
+# search-path root, which holds the groups `nemo_quant` (the quantization presets) and
+# `nemo_quant/<group>` (nemo_quant/integrations/hydra_job.py has their schemas).
+PLUGIN = "hydra_plugins.nemo_quant_searchpath"
+FOREIGN_GROUPS = {"nemo_quant": "conf/quant", "nemo_quant.qlora": "conf/qlora", "nemo_quant.export": "conf/export"}
 
 
 setup(
@@ -18,9 +24,13 @@ setup(
     description=__doc__,
     python_requires=">=3.10",
     # conf/ and kernels/ live at the top level of the repository and install inside the package.
-    packages=find_packages(include=["nemo_quant", "nemo_quant.*"]) + ["nemo_quant.conf", "nemo_quant.kernels"],
-    package_dir={"nemo_quant.conf": "conf", "nemo_quant.kernels": "kernels"},
-    package_data={"nemo_quant.conf": conf_files(), "nemo_quant.kernels": ["cpu/*.cpp"]},
+    packages=find_packages(include=["nemo_quant", "nemo_quant.*"], exclude=["nemo_quant.integrations.hydra_searchpath"])
+    + ["nemo_quant.conf", "nemo_quant.kernels", PLUGIN] + [f"{PLUGIN}.{g}" for g in FOREIGN_GROUPS],
+    package_dir={"nemo_quant.conf": "conf", "nemo_quant.kernels": "kernels",
+                 PLUGIN: "nemo_quant/integrations/hydra_searchpath",
+                 **{f"{PLUGIN}.{g}": folder for g, folder in FOREIGN_GROUPS.items()}},
+    package_data={"nemo_quant.conf": yaml_files("conf"), "nemo_quant.kernels": ["cpu/*.cpp"],
+                  **{f"{PLUGIN}.{g}": yaml_files(folder) for g, folder in FOREIGN_GROUPS.items()}},
     install_requires=[
         "torch>=2.4",
         "megatron-core>=0.16",
@@ -45,5 +55,7 @@ setup(
         # GPU-only; never installed in CI (transformer-engine cannot import without CUDA).
         "te": ["transformer-engine[pytorch]"],
     },
-    entry_points={"console_scripts": ["nemo-quant=nemo_quant.cli.main:main"]},
+    entry_points={"console_scripts": ["nemo-quant=nemo_quant.cli.main:main"],
+                  # `+nemo_quant=...` composed into a Hydra job acts through this callback factory.
+                  "lightning.pytorch.callbacks_factory": ["nemo_quant=nemo_quant.integrations.hydra_job:callbacks"]},
 )

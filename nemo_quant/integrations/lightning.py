@@ -2,7 +2,7 @@
 
     callbacks:
       - _target_: nemo_quant.integrations.lightning.NemoQuantCallback
-        quant: ${quant}            # any preset from conf/quant/
+        quant: ${quant}            # any preset from conf/quant/ (or qlora: one from conf/qlora/)
         calib_batches: 16
         export: ${export}          # optional: deployable checkpoint when fit ends (conf/export/)
         vocab_size: 49152          # the unpadded vocabulary, needed by export
@@ -38,7 +38,8 @@ def find_megatron_model(module: nn.Module) -> nn.Module:
 
     found = [m for m in module.modules() if isinstance(m, GPTModel)]
     if not found:
-        raise TypeError(f"{type(module).__name__} holds no megatron.core GPTModel; NemoQuantCallback needs one.")
+        raise TypeError(f"{type(module).__name__} holds no megatron.core GPTModel; nemo_quant's modes "
+                        f"(NemoQuantCallback, `+nemo_quant=...` in a Hydra job) act on one.")
     return found[0]
 
 
@@ -58,7 +59,8 @@ def default_batch_tokens(batch: Any) -> torch.Tensor:
 class NemoQuantCallback(pl.Callback):
     def __init__(self, quant: dict | DictConfig | None = None, calib_batches: int = 16,
                  batch_tokens: Callable[[Any], torch.Tensor] = default_batch_tokens,
-                 export: dict | DictConfig | None = None, vocab_size: int | None = None):
+                 export: dict | DictConfig | None = None, vocab_size: int | None = None,
+                 qlora: dict | DictConfig | None = None):
         if calib_batches < 1:
             raise ValueError(f"calib_batches={calib_batches}: must be at least 1.")
         self.export = None
@@ -71,7 +73,8 @@ class NemoQuantCallback(pl.Callback):
             if self.export.path is None:
                 raise ValueError("NemoQuantCallback: export.path is not set.")
         self.vocab_size = vocab_size
-        self.modes = [("quantize", OmegaConf.to_container(quant, resolve=True) if isinstance(quant, DictConfig) else quant)] if quant else []
+        self.modes = [(name, OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg)
+                      for name, cfg in (("quantize", quant), ("qlora", qlora)) if cfg]
         self.calib_batches = calib_batches
         self.batch_tokens = batch_tokens
         self._model: nn.Module | None = None
