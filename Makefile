@@ -8,7 +8,7 @@ CORPUS := $(VENV)/.corpus-done
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup demo test test-fast test-engine bench bench-kernels bench-modelopt bench-sparsity bench-qlora bench-pruning bench-engine modelopt-venv minitron-venv vllm-venv clean
+.PHONY: setup demo test test-fast test-engine test-slurm bench bench-kernels bench-modelopt bench-sparsity bench-qlora bench-pruning bench-engine modelopt-venv minitron-venv vllm-venv clean
 
 setup: $(STAMP) $(CORPUS)
 
@@ -88,7 +88,7 @@ bench-qlora: setup
 	$(BIN)/python benchmarks/qlora.py $(BENCH_ARGS)
 
 test: setup
-	$(BIN)/python -m pytest tests -q -m "not engine" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -q -m "not engine and not slurm" $(PYTEST_ARGS)
 
 # vLLM's CPU build serves our exports (tests/engine): its own virtualenv, never a dependency of
 # nemo_quant, kept outside the clone so that CI runs on one machine reuse it. It takes the torch
@@ -117,7 +117,13 @@ test-engine: setup vllm-venv
 	NEMO_QUANT_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(BIN)/python -m pytest tests/engine -q -m engine $(PYTEST_ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest tests -q -m "not real_model" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -q -m "not real_model and not engine and not slurm" $(PYTEST_ARGS)
+
+# A two-node Slurm cluster on this machine (Debian's slurm-wlm 22.05 + munge, ~1 min to install; root):
+# the tests start munged, slurmctld and two slurmd, submit nemo-quant-slurm jobs, and stop them.
+test-slurm: setup
+	command -v slurmctld >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge; }
+	$(BIN)/python -m pytest tests/slurm -q -m slurm $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(MO_VENV) outputs multirun .pytest_cache

@@ -55,7 +55,8 @@ setup(
         # GPU-only; never installed in CI (transformer-engine cannot import without CUDA).
         "te": ["transformer-engine[pytorch]"],
     },
-    entry_points={"console_scripts": ["nemo-quant=nemo_quant.cli.main:main"],
+    entry_points={"console_scripts": ["nemo-quant=nemo_quant.cli.main:main",
+                                      "nemo-quant-slurm=nemo_quant.integrations.slurm:main"],
                   # `+nemo_quant=...` composed into a Hydra job acts through this callback factory.
                   "lightning.pytorch.callbacks_factory": ["nemo_quant=nemo_quant.integrations.hydra_job:callbacks"]},
 )

@@ -22,9 +22,15 @@ def hydra_entry(cfg: DictConfig) -> None:
     from nemo_quant.cli.commands import COMMANDS
     from nemo_quant.config.validate import ConfigError, validate
 
+    from nemo_quant.runtime.preemption import EXIT_PREEMPTED, Preempted
+
     validate(cfg)
     try:
         COMMANDS[cfg.command](cfg)
+    except Preempted as e:  # the launcher requeues the job; train.resume picks up the checkpoint
+        if os.environ.get("RANK", "0") == "0":
+            print(f"nemo-quant {getattr(cfg.command, 'value', cfg.command)}: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_PREEMPTED)
     except ConfigError as e:  # the preflight's refusals: a message naming the key and the fix, no traceback
         if os.environ.get("RANK", "0") == "0":
             print(f"nemo-quant {getattr(cfg.command, 'value', cfg.command)}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)

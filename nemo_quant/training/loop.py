@@ -5,7 +5,8 @@ Quantizer scales are buffers, so the optimizer never touches them: QAT trains th
 through the straight-through estimator with the calibrated scales frozen.
 Checkpoints go to `<save>/step_<N>/` (model dist checkpoint + modes + optimizer + trainer
 state) and `<save>/latest` names the newest complete one; a crash mid-save leaves the
-previous one intact.
+previous one intact. A preemption warning (runtime/preemption.py) saves at the current step and
+raises Preempted.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from nemo_quant.checkpoint.model_checkpoint import load_into, save_model
 from nemo_quant.models.arch import LlamaArch
 from nemo_quant.runtime.distributed_init import is_main_rank
 from nemo_quant.runtime.pipeline import position_ids_for
+from nemo_quant.runtime.preemption import Preempted, preemption_requested
 from nemo_quant.training.optimizer_state import load_optimizer, save_optimizer
 from nemo_quant.utils.progress import progress
 
@@ -171,7 +173,11 @@ def train(model: nn.Module, arch: LlamaArch, optimizer: torch.optim.Optimizer, w
         bar.update(1)
         if state.step % log_every == 0:
             bar.set_postfix(loss=f"{value:.4f}")
-        if state.step % save_every == 0 or state.step == steps:
+        preempted = state.step < steps and preemption_requested()
+        if preempted or state.step % save_every == 0 or state.step == steps:
             _save(model, arch, optimizer, state, save_dir)
+        if preempted:
+            bar.close()
+            raise Preempted(state.step, str(save_dir / f"step_{state.step}"))
     bar.close()
     return state
