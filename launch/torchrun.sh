@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run a nemo-quant command on one node with N processes:
 #   launch/torchrun.sh 3 eval parallel.tp=3
-# Multi-node: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (launch/slurm.sbatch does).
+# Multi-node: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (or use launch/slurm.sh under Slurm).
 set -euo pipefail
 nproc="${1:?usage: launch/torchrun.sh NPROC COMMAND [hydra overrides...]}"
 shift
