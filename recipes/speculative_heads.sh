@@ -10,15 +10,16 @@
 #    in TensorRT-LLM add: nemo-quant export checkpoint.load=... export=trtllm export.path=...
 # SmolLM2 figures and wall times: benchmarks/results/speculative.md (the README's heads table).
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
 OUT=${OUT:-outputs/heads}
 HEADS=${HEADS:-eagle3}
 STEPS=${STEPS:-200}
-MODEL_ARG=${MODEL:+model.path=$MODEL}
-NQ=${NQ:-nemo-quant}
-$NQ train speculative="$HEADS" checkpoint.save="$OUT/heads" train.steps="$STEPS" train.save_every=50 \
-    train.micro_batch_size=4 train.lr=1e-3 train.warmup_steps=10 'train.adam_betas=[0.9,0.95]' \
-    train.resume=false $MODEL_ARG "$@"
-HEADS_CKPT="$OUT/heads/$(cat "$OUT/heads/latest")"
-$NQ eval speculative="$HEADS" checkpoint.load="$HEADS_CKPT" hydra.run.dir="$OUT/eval" $MODEL_ARG "$@"
-$NQ export speculative="$HEADS" checkpoint.load="$HEADS_CKPT" export=draft export.path="$OUT/draft" export.overwrite=true $MODEL_ARG "$@"
+heads=(train speculative="$HEADS" checkpoint.save="$OUT/heads" train.steps="$STEPS" train.save_every=50
+       train.micro_batch_size=4 train.lr=1e-3 train.warmup_steps=10 'train.adam_betas=[0.9,0.95]'
+       train.resume=false $MODEL_ARG "$@")
+tau=(eval speculative="$HEADS" checkpoint.load="$OUT/heads" hydra.run.dir="$OUT/eval" $MODEL_ARG "$@")
+draft=(export speculative="$HEADS" checkpoint.load="$OUT/heads" export=draft export.path="$OUT/draft"
+       export.overwrite=true $MODEL_ARG "$@")
+check_steps heads tau draft
+run_steps heads tau draft
 $NQ validate "$OUT/draft"

@@ -5,6 +5,7 @@ else is ordinary Hydra (overrides, `--cfg job`, `-m` multirun).
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import hydra
@@ -17,15 +18,13 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="pkg://nemo_quant.conf", config_name="config")
 def hydra_entry(cfg: DictConfig) -> None:
-    import os
-
     from nemo_quant.cli.commands import COMMANDS
     from nemo_quant.config.validate import ConfigError, validate
-
     from nemo_quant.runtime.preemption import EXIT_PREEMPTED, Preempted
 
-    validate(cfg)
     try:
+        _resolve_training_run(cfg)
+        validate(cfg)
         COMMANDS[cfg.command](cfg)
     except Preempted as e:  # the launcher requeues the job; train.resume picks up the checkpoint
         if os.environ.get("RANK", "0") == "0":
@@ -35,6 +34,16 @@ def hydra_entry(cfg: DictConfig) -> None:
         if os.environ.get("RANK", "0") == "0":
             print(f"nemo-quant {getattr(cfg.command, 'value', cfg.command)}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def _resolve_training_run(cfg: DictConfig) -> None:
+    """checkpoint.load may name a training run's save directory: its latest complete checkpoint."""
+    from nemo_quant.training.loop import latest_checkpoint
+
+    if cfg.checkpoint.load is not None and (latest := latest_checkpoint(cfg.checkpoint.load)) is not None:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"checkpoint.load={cfg.checkpoint.load}: its latest checkpoint, {latest.name}", flush=True)
+        cfg.checkpoint.load = str(latest)
 
 
 # Hydra flags that take a value; argparse wants flags before the positional overrides.
