@@ -8,7 +8,7 @@ CORPUS := $(VENV)/.corpus-done
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup demo test test-fast test-engine test-slurm bench bench-kernels bench-modelopt bench-sparsity bench-qlora bench-pruning bench-engine modelopt-venv minitron-venv vllm-venv clean
+.PHONY: setup demo test test-fast test-engine test-slurm test-nemo nemo-venv bench bench-kernels bench-modelopt bench-sparsity bench-qlora bench-pruning bench-engine modelopt-venv minitron-venv vllm-venv clean
 
 setup: $(STAMP) $(CORPUS)
 
@@ -88,7 +88,7 @@ bench-qlora: setup
 	$(BIN)/python benchmarks/qlora.py $(BENCH_ARGS)
 
 test: setup
-	$(BIN)/python -m pytest tests -q -m "not engine and not slurm" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -q -m "not engine and not slurm and not nemo" $(PYTEST_ARGS)
 
 # vLLM's CPU build serves our exports (tests/engine): its own virtualenv, never a dependency of
 # nemo_quant, kept outside the clone so that CI runs on one machine reuse it. It takes the torch
@@ -116,8 +116,29 @@ bench-engine: setup vllm-venv
 test-engine: setup vllm-venv
 	NEMO_QUANT_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(BIN)/python -m pytest tests/engine -q -m engine $(PYTEST_ARGS)
 
+# NeMo 2.7.3 jobs with NemoQuantTransform (tests/nemo): NeMo's own virtualenv outside the clone (2.9 GB,
+# ~5-12 min to build once), never a dependency of nemo_quant. The constraints: our torch and
+# megatron-core pins plus what NeMo 2.7.3's resolution needs (../shared/DESIGN.md).
+NEMO_VERSION := 2.7.3
+NEMO_VENV ?= $(HOME)/.cache/nemo_quant/nemo-$(NEMO_VERSION)
+NEMO_STAMP := $(NEMO_VENV)/.setup-done-$(shell sed -n 's/^\(torch\|megatron-core\)==//p' constraints.txt | tr '\n' '-')
+$(NEMO_STAMP):
+	rm -rf $(NEMO_VENV)
+	$(PYTHON) -m venv $(NEMO_VENV)
+	grep -E '^(torch|megatron-core)==' constraints.txt > $(NEMO_VENV)/constraints.txt
+	printf 'pyarrow<22\nleptonai<0.47\nprotobuf~=5.29.5\npackaging<25\n' >> $(NEMO_VENV)/constraints.txt
+	$(NEMO_VENV)/bin/python -m pip install --quiet --constraint $(NEMO_VENV)/constraints.txt \
+	  'nemo-toolkit[llm,run]==$(NEMO_VERSION)' megatron-core
+	touch $@
+
+nemo-venv: $(NEMO_STAMP)
+
+test-nemo: setup nemo-venv
+	$(NEMO_VENV)/bin/python -m pip install --quiet --constraint $(NEMO_VENV)/constraints.txt -e .
+	NEMO_QUANT_NEMO_PYTHON=$(NEMO_VENV)/bin/python $(BIN)/python -m pytest tests/nemo -q -m nemo $(PYTEST_ARGS)
+
 test-fast: setup
-	$(BIN)/python -m pytest tests -q -m "not real_model and not engine and not slurm" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -q -m "not real_model and not engine and not slurm and not nemo" $(PYTEST_ARGS)
 
 # A two-node Slurm cluster on this machine (Debian's slurm-wlm 22.05 + munge, ~1 min to install; root):
 # the tests start munged, slurmctld and two slurmd, submit nemo-quant-slurm jobs, and stop them.

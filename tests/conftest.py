@@ -25,6 +25,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "real_model: reads the SmolLM2-135M GGUF installed by make setup")
     config.addinivalue_line("markers", "engine: serves exports with vLLM's CPU build (make test-engine)")
     config.addinivalue_line("markers", "slurm: submits jobs to a two-node Slurm cluster it starts (make test-slurm)")
+    config.addinivalue_line("markers", "nemo: drives NeMo 2.7.3 jobs in NeMo's own virtualenv (make test-nemo)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,135 @@
+"""nemo_quant modes in a NeMo 2 job (`nemo.collections.llm.train` / `finetune`):
+
+    from nemo_quant.integrations.nemo import NemoQuantTransform
+    llm.train(model, data, trainer, optim=optim, model_transform=NemoQuantTransform(quant="fp8"))
+
+NeMo applies a model transform once, at the first training (or validation) epoch start: after
+the Megatron model is built, wrapped in Megatron's DDP and given its optimizer. The quantize
+mode swaps module classes in place, so the parameters, their DDP gradient hooks and the
+optimizer's references stay those of the original model and QAT trains them through the fake
+quantizers; then the quantizers are calibrated on the first `calib_batches` training batches.
+Modes that add parameters (qlora, speculative heads) would need the optimizer and DDP buffers
+rebuilt, as NeMo's PEFT does: refused here. The mode state travels in NeMo's checkpoint
+(`nemo_quant_modes`); the quantizer scales are buffers of the sharded model state.
+"""
+from __future__ import annotations
+
+from itertools import islice
+from typing import Any, Callable
+
+import torch
+from nemo.lightning.pytorch.callbacks.model_transform import ModelTransform
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from nemo_quant.config.validate import ConfigError
+from nemo_quant.integrations.lightning import CHECKPOINT_KEY, default_batch_tokens
+from nemo_quant.modes import apply_modes, mode_state
+from nemo_quant.preflight import preflight
+from nemo_quant.quantization.calibrate import calibrate
+from nemo_quant.runtime.pipeline import position_ids_for
+
+
+def quant_preset(name: str) -> dict:
+    """A preset of conf/quant/ as a plain dict (what the `quant` argument also takes inline)."""
+    from hydra import compose, initialize_config_module
+
+    from nemo_quant.config.schema import register_configs
+
+    register_configs()
+    with initialize_config_module("nemo_quant.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[f"quant={name}"])
+    return OmegaConf.to_container(cfg.quant, resolve=True)
+
+
+def megatron_gpt_models(module: nn.Module) -> list[nn.Module]:
+    from megatron.core.models.gpt import GPTModel
+
+    found = [m for m in module.modules() if isinstance(m, GPTModel)]
+    if not found:
+        raise ConfigError(f"{type(module).__name__} holds no megatron.core GPTModel; NemoQuantTransform acts on one.")
+    return found
+
+
+class NemoQuantTransform(ModelTransform):
+    """`model_transform=` for llm.train / llm.finetune: quantization (QAT, or QAD with NeMo's
+    distillation) applied in place, calibrated on the job's own training batches."""
+
+    def __init__(self, quant: str | dict | DictConfig, calib_batches: int = 16,
+                 batch_tokens: Callable[[Any], torch.Tensor] = default_batch_tokens):
+        super().__init__()
+        if calib_batches < 1:
+            raise ConfigError(f"NemoQuantTransform(calib_batches={calib_batches}): must be at least 1.")
+        if isinstance(quant, str):
+            quant = quant_preset(quant)
+        elif isinstance(quant, DictConfig):
+            quant = OmegaConf.to_container(quant, resolve=True)
+        self.modes = [("quantize", quant)]
+        self.calib_batches = calib_batches
+        self.batch_tokens = batch_tokens
+        self._trainer = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer
+        super().setup(trainer, pl_module, stage)
+
+    def __call__(self, model: nn.Module) -> nn.Module:
+        resumed = self._trainer.ckpt_path if self._trainer is not None else None
+        for gpt in megatron_gpt_models(model):
+            if mode_state(gpt):
+                continue  # already transformed (a second fit on the same module)
+            preflight(gpt, None, self.modes)
+            apply_modes(gpt, self.modes)
+            if resumed:
+                self._check_saved_modes(gpt)
+                load_quantizer_scales(gpt, resumed)
+            else:
+                calibrate(gpt, self._calibration_loop)
+        return model
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # NeMo restores the checkpoint before the transform runs; what it saved is checked then.
+        self._saved_modes = checkpoint.get(CHECKPOINT_KEY)
+
+    def _check_saved_modes(self, gpt: nn.Module) -> None:
+        saved = getattr(self, "_saved_modes", None)
+        if saved is None:
+            raise ConfigError("resuming from a NeMo checkpoint without nemo_quant's mode state: it was not "
+                              "written with NemoQuantTransform; start a new run (no resume) to quantize it.")
+        if saved != mode_state(gpt):
+            raise ConfigError(f"the checkpoint was trained with {saved[0]['config'].get('name')!r} quantization, "
+                              f"this job asks for {mode_state(gpt)[0]['config'].get('name')!r}; resume with the same quant.")
+
+    def _calibration_loop(self, gpt: nn.Module) -> None:
+        if self._trainer is None:
+            raise RuntimeError("NemoQuantTransform runs as llm.train's model_transform (it reads the training data).")
+        loader = self._trainer.datamodule.train_dataloader() if self._trainer.datamodule else self._trainer.train_dataloader
+        for batch in islice(iter(loader), self.calib_batches):
+            tokens = self.batch_tokens(batch)
+            mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+            gpt(tokens, position_ids_for(tokens), mask)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        states = [mode_state(m) for m in megatron_gpt_models(trainer.model)]
+        if states[0]:
+            checkpoint[CHECKPOINT_KEY] = states[0]
+
+
+def load_quantizer_scales(gpt: nn.Module, checkpoint: str) -> None:
+    """The quantizer buffers of a NeMo checkpoint (its Megatron dist checkpoint under weights/)
+    into `gpt`, whose modes are applied: a resumed QAT run keeps the scales it trained with."""
+    from pathlib import Path
+
+    from megatron.core import dist_checkpointing
+
+    # NeMo saves the model under the "module." prefix of its MegatronParallel wrapper.
+    sharded = {k: v for k, v in gpt.sharded_state_dict(prefix="module.").items() if "_quantizer." in k}
+    if not sharded:
+        raise RuntimeError("no quantizer state to restore: the quantize mode is not applied")
+    weights = Path(checkpoint) / "weights" if (Path(checkpoint) / "weights").is_dir() else Path(checkpoint)
+    loaded = dist_checkpointing.load(sharded, str(weights))
+    # through load_state_dict, so each quantizer marks itself calibrated as on any checkpoint load
+    result = gpt.load_state_dict({k.removeprefix("module."): v for k, v in loaded.items()}, strict=False)
+    missing = [k for k in result.missing_keys if "_quantizer." in k]
+    if missing:
+        raise RuntimeError(f"{checkpoint} lacks quantizer state {missing[:3]}")

@@ -1,0 +1,71 @@
+"""NemoQuantTransform in real NeMo 2.7.3 jobs on CPU (`make test-nemo`: NeMo's own virtualenv; the
+jobs run there, this test drives them): QAT at TP=1 and TP=2 with gradients reaching every
+mutated module, TP=2 scales equal to TP=1's, a resumed job keeping the checkpoint's scales."""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.nemo
+JOB = Path(__file__).parent / "nemo_job.py"
+
+
+def _job(tmp_path: Path, name: str, *args: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    python = os.environ.get("NEMO_QUANT_NEMO_PYTHON")
+    assert python, "NEMO_QUANT_NEMO_PYTHON is not set: run `make test-nemo` (it builds NeMo's virtualenv)"
+    out = tmp_path / f"{name}.jsonl"
+    proc = subprocess.run([python, str(JOB), str(out), str(tmp_path / name), *args], capture_output=True, text=True,
+                          timeout=900, cwd=tmp_path)
+    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.is_file() else []
+    return proc, sorted(rows, key=lambda r: r["rank"])
+
+
+def _trained(proc, rows, ranks):
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert [r["rank"] for r in rows] == list(range(ranks))
+    for r in rows:
+        assert r["modes"] == ["quantize"] and r["fc1"] == "QuantColumnParallelLinear"
+        # Megatron's DDP hooks captured the parameters before the transform: an in-place class swap
+        # keeps them, so every weight still receives its gradient (main_grad) through the fake quantizers
+        assert r["weights"] and r["with_grad"] == r["weights"]
+        assert r["amax"] and all(v == v for values in r["amax"].values() for v in values)  # calibrated, no NaN
+
+
+@pytest.fixture(scope="module")
+def tp1(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tp1")
+    proc, rows = _job(tmp, "run")
+    _trained(proc, rows, 1)
+    checkpoints = sorted((tmp / "run").glob("default/*/checkpoints/*consumed_samples*"))
+    assert checkpoints, proc.stdout[-2000:]
+    return rows[0], checkpoints[-1]
+
+
+def test_qat_at_tp1_trains_every_weight_and_saves_the_modes(tp1):
+    row, checkpoint = tp1
+    assert (checkpoint / "weights" / "metadata.json").is_file()
+
+
+def test_tp2_calibrates_to_the_scales_of_tp1(tp1, tmp_path):
+    proc, rows = _job(tmp_path, "tp2", "--tp", "2")
+    _trained(proc, rows, 2)
+    for r in rows:
+        assert r["amax"].keys() == tp1[0]["amax"].keys()
+        for name, values in r["amax"].items():
+            assert values == pytest.approx(tp1[0]["amax"][name], rel=1e-6), name
+
+
+def test_a_resumed_job_keeps_the_checkpoint_scales(tp1, tmp_path):
+    """Recalibrating would measure the trained weights (different amax); resuming restores the
+    scales QAT trained with, frozen, and training goes on."""
+    proc, rows = _job(tmp_path, "resumed", "--steps", "5", "--resume", str(tp1[1]))
+    _trained(proc, rows, 1)
+    assert rows[0]["amax"] == tp1[0]["amax"]
+
+
+def test_an_unknown_preset_fails_before_the_job_starts(tmp_path):
+    proc, rows = _job(tmp_path, "bad", "--quant", "fp9")
+    assert proc.returncode != 0 and not rows
+    assert "fp9" in proc.stderr and "Trainer.fit" not in proc.stderr
