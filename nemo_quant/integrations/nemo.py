@@ -8,9 +8,13 @@ the Megatron model is built, wrapped in Megatron's DDP and given its optimizer. 
 mode swaps module classes in place, so the parameters, their DDP gradient hooks and the
 optimizer's references stay those of the original model and QAT trains them through the fake
 quantizers; then the quantizers are calibrated on the first `calib_batches` training batches.
-Modes that add parameters (qlora, speculative heads) would need the optimizer and DDP buffers
-rebuilt, as NeMo's PEFT does: refused here. The mode state travels in NeMo's checkpoint
-(`nemo_quant_modes`); the quantizer scales are buffers of the sharded model state.
+The mode state travels in NeMo's checkpoint (`nemo_quant_modes`); the quantizer scales are
+buffers of the sharded model state.
+
+QLoRA adds parameters, so it comes as a NeMo PEFT (`NemoQuantQLoRA`): NeMo then builds DDP and the
+optimizer after the transform, over the adapters only, and saves adapter checkpoints.
+
+    llm.finetune(model, data, trainer, peft=NemoQuantQLoRA("nf4"))
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 from nemo.lightning.pytorch.callbacks.model_transform import ModelTransform
+from nemo.lightning.pytorch.callbacks.peft import PEFT
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -30,16 +35,20 @@ from nemo_quant.quantization.calibrate import calibrate
 from nemo_quant.runtime.pipeline import position_ids_for
 
 
-def quant_preset(name: str) -> dict:
-    """A preset of conf/quant/ as a plain dict (what the `quant` argument also takes inline)."""
+def preset(group: str, name: str | dict | DictConfig) -> dict:
+    """A preset of conf/<group>/ (or an inline config) as a plain dict."""
     from hydra import compose, initialize_config_module
 
     from nemo_quant.config.schema import register_configs
 
+    if isinstance(name, DictConfig):
+        return OmegaConf.to_container(name, resolve=True)
+    if isinstance(name, dict):
+        return name
     register_configs()
     with initialize_config_module("nemo_quant.conf", version_base="1.3"):
-        cfg = compose("config", overrides=[f"quant={name}"])
-    return OmegaConf.to_container(cfg.quant, resolve=True)
+        cfg = compose("config", overrides=[f"{group}={name}"])
+    return OmegaConf.to_container(cfg[group], resolve=True)
 
 
 def megatron_gpt_models(module: nn.Module) -> list[nn.Module]:
@@ -60,11 +69,7 @@ class NemoQuantTransform(ModelTransform):
         super().__init__()
         if calib_batches < 1:
             raise ConfigError(f"NemoQuantTransform(calib_batches={calib_batches}): must be at least 1.")
-        if isinstance(quant, str):
-            quant = quant_preset(quant)
-        elif isinstance(quant, DictConfig):
-            quant = OmegaConf.to_container(quant, resolve=True)
-        self.modes = [("quantize", quant)]
+        self.modes = [("quantize", preset("quant", quant))]
         self.calib_batches = calib_batches
         self.batch_tokens = batch_tokens
         self._trainer = None
@@ -113,6 +118,27 @@ class NemoQuantTransform(ModelTransform):
         states = [mode_state(m) for m in megatron_gpt_models(trainer.model)]
         if states[0]:
             checkpoint[CHECKPOINT_KEY] = states[0]
+
+
+
+class NemoQuantQLoRA(PEFT):
+    """`peft=` for llm.finetune (or `model_transform=` for llm.train): nemo_quant's QLoRA, the base
+    frozen as bitsandbytes-exact NF4 with double quantization and LoRA adapters trained on top, at
+    any TP. NeMo wraps DDP and builds the optimizer after it, over the adapters."""
+
+    def __init__(self, qlora: str | dict | DictConfig = "nf4"):
+        super().__init__()
+        self.modes = [("qlora", preset("qlora", qlora))]
+
+    def transform(self, module, name=None, prefix=None):
+        return module  # the mode converts the whole model at once (__call__)
+
+    def __call__(self, model: nn.Module) -> nn.Module:
+        for gpt in megatron_gpt_models(model):
+            if not mode_state(gpt):
+                preflight(gpt, None, self.modes)
+                apply_modes(gpt, self.modes)  # freezes everything but the adapters
+        return model
 
 
 def load_quantizer_scales(gpt: nn.Module, checkpoint: str) -> None:

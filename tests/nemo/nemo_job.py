@@ -1,7 +1,7 @@
 """A NeMo 2.7.3 training job on CPU with NemoQuantTransform, as a user writes one (run in the NeMo
 virtualenv by tests/nemo/test_nemo_transform.py; `make test-nemo`).
 
-    python tests/nemo/nemo_job.py OUT_JSON LOG_DIR [--tp 2] [--steps 3] [--quant fp8] [--resume CKPT]
+    python tests/nemo/nemo_job.py OUT_JSON LOG_DIR [--tp 2] [--steps 3] [--quant fp8 | --qlora nf4] [--resume CKPT]
 Every rank appends one JSON line to OUT_JSON: its modes, quantizer scales and which weights got gradients.
 """
 import argparse
@@ -22,7 +22,7 @@ from nemo.collections import llm  # noqa: E402
 from nemo.lightning.pytorch.plugins import MegatronDataSampler  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from nemo_quant.integrations.nemo import NemoQuantTransform, megatron_gpt_models  # noqa: E402
+from nemo_quant.integrations.nemo import NemoQuantQLoRA, NemoQuantTransform, megatron_gpt_models  # noqa: E402
 from nemo_quant.modes import mode_state  # noqa: E402
 from nemo_quant.quantization.modules import quantizers  # noqa: E402
 
@@ -59,10 +59,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out"), parser.add_argument("log_dir")
     parser.add_argument("--tp", type=int, default=1), parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--quant", default="fp8"), parser.add_argument("--resume")
+    parser.add_argument("--quant", default="fp8"), parser.add_argument("--qlora"), parser.add_argument("--resume")
     args = parser.parse_args()
     config = llm.Llama32Config1B(
-        num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2, kv_channels=16,
+        num_layers=2, hidden_size=128, ffn_hidden_size=384, num_attention_heads=4, num_query_groups=2, kv_channels=32,
         seq_length=SEQ, vocab_size=VOCAB, make_vocab_size_divisible_by=128, params_dtype=torch.float32, bf16=False,
         use_cpu_initialization=True, bias_activation_fusion=False, bias_dropout_fusion=False,
         masked_softmax_fusion=False, persist_layer_norm=False, apply_rope_fusion=False,
@@ -75,7 +75,8 @@ def main() -> None:
                                                        clip_grad=0.0, bf16=False, fp16=False))
     resume = nl.AutoResume(resume_from_path=args.resume) if args.resume else None
     llm.train(model, Data(), trainer, log=nl.NeMoLogger(log_dir=args.log_dir), optim=optim, tokenizer=None,
-              resume=resume, model_transform=NemoQuantTransform(args.quant, calib_batches=2))
+              resume=resume, model_transform=NemoQuantQLoRA(args.qlora) if args.qlora
+              else NemoQuantTransform(args.quant, calib_batches=2))
     gpt = megatron_gpt_models(trainer.model)[0]
     row = {"rank": torch.distributed.get_rank(), "modes": [m["name"] for m in mode_state(gpt)],
            "fc1": type(gpt.decoder.layers[0].mlp.linear_fc1).__name__,

@@ -1,6 +1,7 @@
-"""NemoQuantTransform in real NeMo 2.7.3 jobs on CPU (`make test-nemo`: NeMo's own virtualenv; the
-jobs run there, this test drives them): QAT at TP=1 and TP=2 with gradients reaching every
-mutated module, TP=2 scales equal to TP=1's, a resumed job keeping the checkpoint's scales."""
+"""NemoQuantTransform and NemoQuantQLoRA in real NeMo 2.7.3 jobs on CPU (`make test-nemo`: NeMo's
+own virtualenv; the jobs run there, this test drives them): QAT at TP=1 and TP=2 with gradients
+reaching every mutated module, TP=2 scales equal to TP=1's, a resumed job keeping the
+checkpoint's scales; QLoRA as a NeMo PEFT training only its adapters, saved adapter-only."""
 import json
 import os
 import subprocess
@@ -22,15 +23,16 @@ def _job(tmp_path: Path, name: str, *args: str) -> tuple[subprocess.CompletedPro
     return proc, sorted(rows, key=lambda r: r["rank"])
 
 
-def _trained(proc, rows, ranks):
+def _trained(proc, rows, ranks, mode="quantize", fc1="QuantColumnParallelLinear"):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert [r["rank"] for r in rows] == list(range(ranks))
     for r in rows:
-        assert r["modes"] == ["quantize"] and r["fc1"] == "QuantColumnParallelLinear"
+        assert r["modes"] == [mode] and r["fc1"] == fc1
         # Megatron's DDP hooks captured the parameters before the transform: an in-place class swap
         # keeps them, so every weight still receives its gradient (main_grad) through the fake quantizers
         assert r["weights"] and r["with_grad"] == r["weights"]
-        assert r["amax"] and all(v == v for values in r["amax"].values() for v in values)  # calibrated, no NaN
+        if mode == "quantize":
+            assert r["amax"] and all(v == v for values in r["amax"].values() for v in values)  # calibrated, no NaN
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +71,17 @@ def test_an_unknown_preset_fails_before_the_job_starts(tmp_path):
     proc, rows = _job(tmp_path, "bad", "--quant", "fp9")
     assert proc.returncode != 0 and not rows
     assert "fp9" in proc.stderr and "Trainer.fit" not in proc.stderr
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_qlora_as_a_nemo_peft_trains_and_saves_only_the_adapters(tmp_path, tp):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    proc, rows = _job(tmp_path, "qlora", "--qlora", "nf4", "--tp", str(tp))
+    _trained(proc, rows, tp, mode="qlora", fc1="LoRAColumnParallelLinear")
+    assert all(n.endswith(("lora_A", "lora_B")) for r in rows for n in r["weights"])
+    checkpoint = sorted((tmp_path / "qlora").glob("default/*/checkpoints/*consumed_samples*"))[-1] / "weights"
+    assert (checkpoint / "adapter_metadata.json").is_file()
+    keys = [k for k in FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+            if not k.startswith("optimizer")]
+    assert keys and all(k.endswith(("lora_A", "lora_B")) for k in keys), keys
