@@ -27,6 +27,7 @@ from nemo.lightning.pytorch.callbacks.peft import PEFT
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from nemo_quant.config.compose import compose_app_config
 from nemo_quant.config.validate import ConfigError
 from nemo_quant.integrations.lightning import CHECKPOINT_KEY, default_batch_tokens
 from nemo_quant.modes import apply_modes, mode_state
@@ -37,18 +38,11 @@ from nemo_quant.runtime.pipeline import position_ids_for
 
 def preset(group: str, name: str | dict | DictConfig) -> dict:
     """A preset of conf/<group>/ (or an inline config) as a plain dict."""
-    from hydra import compose, initialize_config_module
-
-    from nemo_quant.config.schema import register_configs
-
     if isinstance(name, DictConfig):
         return OmegaConf.to_container(name, resolve=True)
     if isinstance(name, dict):
         return name
-    register_configs()
-    with initialize_config_module("nemo_quant.conf", version_base="1.3"):
-        cfg = compose("config", overrides=[f"{group}={name}"])
-    return OmegaConf.to_container(cfg[group], resolve=True)
+    return OmegaConf.to_container(compose_app_config([f"{group}={name}"])[group], resolve=True)
 
 
 def megatron_gpt_models(module: nn.Module) -> list[nn.Module]:

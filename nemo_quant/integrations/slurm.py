@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nemo_quant.config.compose import compose_app_config
 from nemo_quant.config.validate import ConfigError
 from nemo_quant.runtime.preemption import PREEMPT_FILE_ENV
 
@@ -41,20 +42,8 @@ class SlurmJob:
 
 def composed_config(args: list[str]):
     """The job's config as `nemo-quant` composes it (bad overrides fail here, before submission)."""
-    from hydra import compose, initialize_config_module
-
-    from nemo_quant.config.schema import register_configs
-
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    register_configs()
     command, overrides = (args[0], args[1:]) if args and "=" not in args[0] else (None, list(args))
-    try:
-        with initialize_config_module("nemo_quant.conf", version_base="1.3"):
-            return compose("config", overrides=[f"command={command}"] * bool(command) + overrides)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(f"the nemo-quant arguments do not compose: {e}") from None
+    return compose_app_config([f"command={command}"] * bool(command) + overrides)
 
 
 def check_job(job: SlurmJob) -> None:
