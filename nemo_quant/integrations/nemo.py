@@ -4,10 +4,11 @@
     llm.train(model, data, trainer, optim=optim, model_transform=NemoQuantTransform(quant="fp8"))
 
 NeMo applies a model transform once, at the first training (or validation) epoch start: after
-the Megatron model is built, wrapped in Megatron's DDP and given its optimizer. The quantize
-mode swaps module classes in place, so the parameters, their DDP gradient hooks and the
-optimizer's references stay those of the original model and QAT trains them through the fake
-quantizers; then the quantizers are calibrated on the first `calib_batches` training batches.
+the Megatron model is built, wrapped in Megatron's DDP and given its optimizer. The sparsity and
+quantize modes swap module classes in place, so the parameters, their DDP gradient hooks and the
+optimizer's references stay those of the original model, and training goes on through the 2:4
+masks (pruned weights get zero gradients) and the fake quantizers; each mode's data step (masks,
+then scales) runs on the first `calib_batches` training batches.
 The mode state travels in NeMo's checkpoint (`nemo_quant_modes`); the quantizer scales are
 buffers of the sharded model state.
 
@@ -30,9 +31,8 @@ from torch import nn
 from nemo_quant.config.compose import compose_app_config
 from nemo_quant.config.validate import ConfigError
 from nemo_quant.integrations.lightning import CHECKPOINT_KEY, default_batch_tokens
-from nemo_quant.modes import apply_modes, mode_state
+from nemo_quant.modes import apply_mode, apply_modes, get_mode, mode_state
 from nemo_quant.preflight import preflight
-from nemo_quant.quantization.calibrate import calibrate
 from nemo_quant.runtime.pipeline import position_ids_for
 
 
@@ -55,15 +55,20 @@ def megatron_gpt_models(module: nn.Module) -> list[nn.Module]:
 
 
 class NemoQuantTransform(ModelTransform):
-    """`model_transform=` for llm.train / llm.finetune: quantization (QAT, or QAD with NeMo's
-    distillation) applied in place, calibrated on the job's own training batches."""
+    """`model_transform=` for llm.train / llm.finetune: 2:4 sparsity and / or quantization (QAT, or
+    QAD with NeMo's distillation) applied in place, their masks and scales chosen on the job's own
+    training batches. `quant` / `sparsity`: a preset name of conf/quant/ / conf/sparsity/ or a config."""
 
-    def __init__(self, quant: str | dict | DictConfig, calib_batches: int = 16,
-                 batch_tokens: Callable[[Any], torch.Tensor] = default_batch_tokens):
+    def __init__(self, quant: str | dict | DictConfig | None = None, calib_batches: int = 16,
+                 batch_tokens: Callable[[Any], torch.Tensor] = default_batch_tokens,
+                 sparsity: str | dict | DictConfig | None = None):
         super().__init__()
         if calib_batches < 1:
             raise ConfigError(f"NemoQuantTransform(calib_batches={calib_batches}): must be at least 1.")
-        self.modes = [("quantize", preset("quant", quant))]
+        if quant is None and sparsity is None:
+            raise ConfigError("NemoQuantTransform needs quant=<preset> and/or sparsity=<preset>.")
+        self.modes = [(name, preset(group, cfg)) for name, group, cfg in
+                      (("sparsity", "sparsity", sparsity), ("quantize", "quant", quant)) if cfg is not None]
         self.calib_batches = calib_batches
         self.batch_tokens = batch_tokens
         self._trainer = None
@@ -78,12 +83,13 @@ class NemoQuantTransform(ModelTransform):
             if mode_state(gpt):
                 continue  # already transformed (a second fit on the same module)
             preflight(gpt, None, self.modes)
-            apply_modes(gpt, self.modes)
+            for name, cfg in self.modes:
+                apply_mode(gpt, name, cfg)
+                if not resumed:
+                    get_mode(name).data_step(gpt, self._calibration_loop)
             if resumed:
                 self._check_saved_modes(gpt)
-                load_quantizer_scales(gpt, resumed)
-            else:
-                calibrate(gpt, self._calibration_loop)
+                load_mode_buffers(gpt, resumed)
         return model
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
@@ -96,8 +102,9 @@ class NemoQuantTransform(ModelTransform):
             raise ConfigError("resuming from a NeMo checkpoint without nemo_quant's mode state: it was not "
                               "written with NemoQuantTransform; start a new run (no resume) to quantize it.")
         if saved != mode_state(gpt):
-            raise ConfigError(f"the checkpoint was trained with {saved[0]['config'].get('name')!r} quantization, "
-                              f"this job asks for {mode_state(gpt)[0]['config'].get('name')!r}; resume with the same quant.")
+            described = lambda state: [f"{m['name']}={m['config'].get('name')}" for m in state]  # noqa: E731
+            raise ConfigError(f"the checkpoint was trained with {described(saved)}, this job asks for "
+                              f"{described(mode_state(gpt))}; resume with the same modes.")
 
     def _calibration_loop(self, gpt: nn.Module) -> None:
         if self._trainer is None:
@@ -135,21 +142,21 @@ class NemoQuantQLoRA(PEFT):
         return model
 
 
-def load_quantizer_scales(gpt: nn.Module, checkpoint: str) -> None:
-    """The quantizer buffers of a NeMo checkpoint (its Megatron dist checkpoint under weights/)
-    into `gpt`, whose modes are applied: a resumed QAT run keeps the scales it trained with."""
+def load_mode_buffers(gpt: nn.Module, checkpoint: str) -> None:
+    """The buffers of a NeMo checkpoint (its Megatron dist checkpoint under weights/) into `gpt`,
+    whose modes are applied: a resumed run keeps the sparsity masks and quantizer scales it trained
+    with (NeMo restored the parameters before the modes existed)."""
     from pathlib import Path
 
     from megatron.core import dist_checkpointing
 
     # NeMo saves the model under the "module." prefix of its MegatronParallel wrapper.
-    sharded = {k: v for k, v in gpt.sharded_state_dict(prefix="module.").items() if "_quantizer." in k}
-    if not sharded:
-        raise RuntimeError("no quantizer state to restore: the quantize mode is not applied")
+    buffers = {f"module.{name}" for name, _ in gpt.named_buffers()}
+    sharded = {k: v for k, v in gpt.sharded_state_dict(prefix="module.").items() if k in buffers}
     weights = Path(checkpoint) / "weights" if (Path(checkpoint) / "weights").is_dir() else Path(checkpoint)
     loaded = dist_checkpointing.load(sharded, str(weights))
     # through load_state_dict, so each quantizer marks itself calibrated as on any checkpoint load
     result = gpt.load_state_dict({k.removeprefix("module."): v for k, v in loaded.items()}, strict=False)
-    missing = [k for k in result.missing_keys if "_quantizer." in k]
+    missing = [k for k in result.missing_keys if f"module.{k}" in buffers]
     if missing:
-        raise RuntimeError(f"{checkpoint} lacks quantizer state {missing[:3]}")
+        raise RuntimeError(f"{checkpoint} lacks mode state {missing[:3]}")

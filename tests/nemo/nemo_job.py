@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("out"), parser.add_argument("log_dir")
     parser.add_argument("--tp", type=int, default=1), parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--quant", default="fp8"), parser.add_argument("--qlora"), parser.add_argument("--resume")
+    parser.add_argument("--sparsity")
     args = parser.parse_args()
     config = llm.Llama32Config1B(
         num_layers=2, hidden_size=128, ffn_hidden_size=384, num_attention_heads=4, num_query_groups=2, kv_channels=32,
@@ -76,11 +77,16 @@ def main() -> None:
     resume = nl.AutoResume(resume_from_path=args.resume) if args.resume else None
     llm.train(model, Data(), trainer, log=nl.NeMoLogger(log_dir=args.log_dir), optim=optim, tokenizer=None,
               resume=resume, model_transform=NemoQuantQLoRA(args.qlora) if args.qlora
-              else NemoQuantTransform(args.quant, calib_batches=2))
+              else NemoQuantTransform(args.quant, calib_batches=2, sparsity=args.sparsity))
     gpt = megatron_gpt_models(trainer.model)[0]
     row = {"rank": torch.distributed.get_rank(), "modes": [m["name"] for m in mode_state(gpt)],
            "fc1": type(gpt.decoder.layers[0].mlp.linear_fc1).__name__,
            "amax": {n: q.amax.flatten().tolist() for n, q in quantizers(gpt)},
+           # 2:4 masks: per group of 4 inputs how many weights are kept, and whether pruned ones stayed zero
+           "kept_per_4": sorted({int(k) for m in gpt.modules() if hasattr(m, "sparse_mask")
+                                 for k in m.sparse_mask.reshape(-1, 4).sum(-1).unique()}),
+           "pruned_zero": all(bool((m.weight[~m.sparse_mask] == 0).all()) for m in gpt.modules()
+                              if hasattr(m, "sparse_mask")),
            "weights": sorted(n for n, p in gpt.named_parameters() if p.requires_grad),
            "with_grad": sorted(n for n, p in gpt.named_parameters()
                                if getattr(p, "main_grad", None) is not None and float(p.main_grad.abs().sum()) > 0)}

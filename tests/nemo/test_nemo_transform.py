@@ -27,11 +27,11 @@ def _trained(proc, rows, ranks, mode="quantize", fc1="QuantColumnParallelLinear"
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert [r["rank"] for r in rows] == list(range(ranks))
     for r in rows:
-        assert r["modes"] == [mode] and r["fc1"] == fc1
+        assert (mode is None or r["modes"] == [mode]) and r["fc1"] == fc1
         # Megatron's DDP hooks captured the parameters before the transform: an in-place class swap
         # keeps them, so every weight still receives its gradient (main_grad) through the fake quantizers
         assert r["weights"] and r["with_grad"] == r["weights"]
-        if mode == "quantize":
+        if "quantize" in r["modes"]:
             assert r["amax"] and all(v == v for values in r["amax"].values() for v in values)  # calibrated, no NaN
 
 
@@ -85,3 +85,16 @@ def test_qlora_as_a_nemo_peft_trains_and_saves_only_the_adapters(tmp_path, tp):
     keys = [k for k in FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
             if not k.startswith("optimizer")]
     assert keys and all(k.endswith(("lora_A", "lora_B")) for k in keys), keys
+
+
+def test_sparsity_then_fp8_keeps_its_masks_through_training_and_resume(tmp_path):
+    """2:4 (magnitude) then FP8 in one transform: the pruned weights stay exactly zero while the kept
+    ones train, and a resumed job restores the masks (fresh sparse modules would keep 4 of 4)."""
+    proc, rows = _job(tmp_path, "sparse", "--sparsity", "magnitude")
+    _trained(proc, rows, 1, mode=None, fc1="QuantSparseColumnParallelLinear")
+    assert rows[0]["modes"] == ["sparsity", "quantize"]
+    assert rows[0]["kept_per_4"] == [2] and rows[0]["pruned_zero"]
+    checkpoint = sorted((tmp_path / "sparse").glob("default/*/checkpoints/*consumed_samples*"))[-1]
+    proc, resumed = _job(tmp_path, "resumed", "--sparsity", "magnitude", "--steps", "5", "--resume", str(checkpoint))
+    _trained(proc, resumed, 1, mode=None, fc1="QuantSparseColumnParallelLinear")
+    assert resumed[0]["kept_per_4"] == [2] and resumed[0]["pruned_zero"] and resumed[0]["amax"] == rows[0]["amax"]
