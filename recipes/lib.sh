@@ -14,17 +14,18 @@ if [ -n "${MODEL:-}" ] && [ ! -e "$MODEL" ]; then
 fi
 
 # check_steps STEP...: each STEP names a bash array holding one nemo-quant call; every call must
-# compose (`--cfg job`: presets, keys and types checked, no work done) before any of them runs.
+# compose (presets, keys and types checked, no work done; one process) before any of them runs.
 check_steps() {
-  local name out
+  local name out calls=()
   for name in "$@"; do
     local -n step="$name"
-    if ! out=$($NQ "${step[@]}" --cfg job 2>&1 >/dev/null); then
-      echo "$RECIPE: nothing was run: this step does not compose: nemo-quant ${step[*]}" >&2
-      echo "$out" | grep -v '^$' | tail -n 4 >&2
-      exit 2
-    fi
+    calls+=(-- "${step[@]}")
   done
+  if ! out=$($NQ compose-check "${calls[@]}" 2>&1); then
+    echo "$RECIPE: nothing was run: a step does not compose:" >&2
+    echo "$out" | grep -v '^$' | head -n 3 >&2
+    exit 2
+  fi
 }
 
 # run_steps STEP...: the calls, in order.

@@ -46,6 +46,32 @@ def _resolve_training_run(cfg: DictConfig) -> None:
         cfg.checkpoint.load = str(latest)
 
 
+def compose_check(args: list[str]) -> int:
+    """`nemo-quant compose-check -- CMD ARGS... -- CMD ARGS...`: does each call compose (presets, keys,
+    types; no work done)? Prints the first that does not; exit 2 then."""
+    from nemo_quant.config.compose import compose_app_config
+    from nemo_quant.config.validate import ConfigError
+
+    calls, current = [], None
+    for arg in args:
+        if arg == "--":
+            current = []
+            calls.append(current)
+        elif current is not None:
+            current.append(arg)
+    for call in calls:
+        command, overrides = (call[0], call[1:]) if call and "=" not in call[0] else (None, call)
+        if command is not None and command not in Command.__members__:
+            print(f"nemo-quant {' '.join(call)}: unknown command {command!r}", file=sys.stderr)
+            return 2
+        try:
+            compose_app_config([f"command={command}"] * bool(command) + overrides)
+        except ConfigError as e:
+            print(f"nemo-quant {' '.join(call)}: {e}", file=sys.stderr)
+            return 2
+    return 0
+
+
 # Hydra flags that take a value; argparse wants flags before the positional overrides.
 _VALUE_FLAGS = {"--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--cfg", "-c", "--package", "-p",
                 "--experimental-rerun", "--info", "-i"}
@@ -72,6 +98,8 @@ def main() -> None:
         from nemo_quant.export.validate import main as validate_main
 
         sys.exit(validate_main(args[1:]))
+    if args and args[0] == "compose-check":  # several calls' configs checked in one process (recipes)
+        sys.exit(compose_check(args[1:]))
     if args and not args[0].startswith("-") and "=" not in args[0]:
         command = args.pop(0)
         if command not in Command.__members__:

@@ -81,8 +81,8 @@ def test_qad_recipe_is_qat_with_a_teacher(tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize("recipe, env, message", [
-    ("qat.sh", {"FORMAT": "onnx"}, "does not compose: nemo-quant export"),
-    ("ptq_export.sh", {"QUANT": "fp9"}, "does not compose: nemo-quant ptq"),
+    ("qat.sh", {"FORMAT": "onnx"}, "nemo-quant export checkpoint.load="),
+    ("ptq_export.sh", {"QUANT": "fp9"}, "nemo-quant ptq quant=fp9"),
     ("prune_distill_quantize.sh", {"MODEL": "/nonexistent/model.gguf"}, "MODEL=/nonexistent/model.gguf does not exist"),
     ("speculative_heads.sh", {"NQ": "/nonexistent/nemo-quant"}, "'/nonexistent/nemo-quant' not found"),
 ])

@@ -69,7 +69,7 @@ def test_cached_acceptance_equals_a_live_speculative_loop(lively, method):
     losses = train_heads(model, spec_config(method, ttt_steps=3), lively, steps=12)
     assert losses[-1] < losses[0]
     few = lively[:3]  # the live loop re-forwards every step: a few prompts keep it quick
-    for k in (1, 3):
+    for k in (1, 3) if method == "eagle3" else (3,):  # k = 1 is the slowest loop: once is enough
         cached = measure_acceptance(model, few, PROMPT, (k,))
         live = [live_speculative_decode(model, few[i:i + 1, :PROMPT], TOTAL, k, TINY.vocab_size)
                 for i in range(few.shape[0])]
