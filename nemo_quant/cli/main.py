@@ -49,7 +49,7 @@ def _resolve_training_run(cfg: DictConfig) -> None:
 def compose_check(args: list[str]) -> int:
     """`nemo-quant compose-check -- CMD ARGS... -- CMD ARGS...`: does each call compose (presets, keys,
     types; no work done)? Prints the first that does not; exit 2 then."""
-    from nemo_quant.config.compose import compose_app_config
+    from nemo_quant.config.compose import compose_command
     from nemo_quant.config.validate import ConfigError
 
     calls, current = [], None
@@ -60,12 +60,8 @@ def compose_check(args: list[str]) -> int:
         elif current is not None:
             current.append(arg)
     for call in calls:
-        command, overrides = (call[0], call[1:]) if call and "=" not in call[0] else (None, call)
-        if command is not None and command not in Command.__members__:
-            print(f"nemo-quant {' '.join(call)}: unknown command {command!r}", file=sys.stderr)
-            return 2
         try:
-            compose_app_config([f"command={command}"] * bool(command) + overrides)
+            compose_command(call)
         except ConfigError as e:
             print(f"nemo-quant {' '.join(call)}: {e}", file=sys.stderr)
             return 2

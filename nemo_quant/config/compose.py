@@ -21,3 +21,9 @@ def compose_app_config(overrides: list[str]) -> DictConfig:
             return compose("config", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(f"the nemo-quant arguments do not compose: {e}") from None
+
+
+def compose_command(args: list[str]) -> DictConfig:
+    """What `nemo-quant <args>` composes: an optional command word, then Hydra overrides."""
+    command, overrides = (args[0], args[1:]) if args and "=" not in args[0] else (None, list(args))
+    return compose_app_config([f"command={command}"] * bool(command) + overrides)

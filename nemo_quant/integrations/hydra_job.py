@@ -77,8 +77,8 @@ def callback_from_config(node: Any):
                           f"base (NF4). Drop `+{GROUP}=...` or `+{GROUP}/qlora=...`.")
     if quant is None and wrapper["qlora"] is None:
         raise ConfigError(f"{GROUP} holds no mode: add `+{GROUP}=<quant preset>` or `+{GROUP}/qlora=<preset>`.")
-    return NemoQuantCallback(quant=quant, qlora=wrapper["qlora"], export=wrapper["export"],
-                             calib_batches=wrapper["calib_batches"] or 16, vocab_size=wrapper["vocab_size"])
+    knobs = {k: wrapper[k] for k in ("calib_batches", "vocab_size") if wrapper[k] is not None}
+    return NemoQuantCallback(quant=quant, qlora=wrapper["qlora"], export=wrapper["export"], **knobs)
 
 
 def callbacks() -> list:

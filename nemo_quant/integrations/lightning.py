@@ -33,14 +33,19 @@ from nemo_quant.runtime.pipeline import position_ids_for
 CHECKPOINT_KEY = "nemo_quant_modes"
 
 
-def find_megatron_model(module: nn.Module) -> nn.Module:
+def megatron_gpt_models(module: nn.Module) -> list[nn.Module]:
+    """The megatron.core GPTModels inside a framework's module (a LightningModule, NeMo's wrappers)."""
     from megatron.core.models.gpt import GPTModel
 
     found = [m for m in module.modules() if isinstance(m, GPTModel)]
     if not found:
         raise TypeError(f"{type(module).__name__} holds no megatron.core GPTModel; nemo_quant's modes "
-                        f"(NemoQuantCallback, `+nemo_quant=...` in a Hydra job) act on one.")
-    return found[0]
+                        f"(NemoQuantCallback, NemoQuantTransform, `+nemo_quant=...` in a Hydra job) act on one.")
+    return found
+
+
+def find_megatron_model(module: nn.Module) -> nn.Module:
+    return megatron_gpt_models(module)[0]
 
 
 def default_batch_tokens(batch: Any) -> torch.Tensor:

@@ -30,7 +30,7 @@ from torch import nn
 
 from nemo_quant.config.compose import compose_app_config
 from nemo_quant.config.validate import ConfigError
-from nemo_quant.integrations.lightning import CHECKPOINT_KEY, default_batch_tokens
+from nemo_quant.integrations.lightning import CHECKPOINT_KEY, default_batch_tokens, megatron_gpt_models
 from nemo_quant.modes import apply_mode, apply_modes, get_mode, mode_state
 from nemo_quant.preflight import preflight
 from nemo_quant.runtime.pipeline import position_ids_for
@@ -43,15 +43,6 @@ def preset(group: str, name: str | dict | DictConfig) -> dict:
     if isinstance(name, dict):
         return name
     return OmegaConf.to_container(compose_app_config([f"{group}={name}"])[group], resolve=True)
-
-
-def megatron_gpt_models(module: nn.Module) -> list[nn.Module]:
-    from megatron.core.models.gpt import GPTModel
-
-    found = [m for m in module.modules() if isinstance(m, GPTModel)]
-    if not found:
-        raise ConfigError(f"{type(module).__name__} holds no megatron.core GPTModel; NemoQuantTransform acts on one.")
-    return found
 
 
 class NemoQuantTransform(ModelTransform):

@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nemo_quant.config.compose import compose_app_config
+from nemo_quant.config.compose import compose_command
 from nemo_quant.config.validate import ConfigError
 from nemo_quant.runtime.preemption import PREEMPT_FILE_ENV
 
@@ -40,12 +40,6 @@ class SlurmJob:
     sbatch_options: list[str] = field(default_factory=list)  # further `#SBATCH` lines, e.g. --exclusive
 
 
-def composed_config(args: list[str]):
-    """The job's config as `nemo-quant` composes it (bad overrides fail here, before submission)."""
-    command, overrides = (args[0], args[1:]) if args and "=" not in args[0] else (None, list(args))
-    return compose_app_config([f"command={command}"] * bool(command) + overrides)
-
-
 def check_job(job: SlurmJob) -> None:
     """Refuse, before submission, a layout the job cannot run or a training job that cannot resume."""
     if job.nodes < 1 or job.procs_per_node < 1:
@@ -54,7 +48,7 @@ def check_job(job: SlurmJob) -> None:
         raise ConfigError(f"--signal-grace {job.signal_grace_s}: must be at least 1 second.")
     if not job.args:
         raise ConfigError("no nemo-quant command after `--` (e.g. `-- train quant=fp8 checkpoint.save=/shared/run`).")
-    cfg = composed_config(job.args)
+    cfg = compose_command(job.args)  # bad overrides fail here, before submission
     world = job.nodes * job.procs_per_node
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     if world % (tp * pp):

@@ -22,7 +22,8 @@ from nemo.collections import llm  # noqa: E402
 from nemo.lightning.pytorch.plugins import MegatronDataSampler  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from nemo_quant.integrations.nemo import NemoQuantQLoRA, NemoQuantTransform, megatron_gpt_models  # noqa: E402
+from nemo_quant.integrations.lightning import megatron_gpt_models  # noqa: E402
+from nemo_quant.integrations.nemo import NemoQuantQLoRA, NemoQuantTransform  # noqa: E402
 from nemo_quant.modes import mode_state  # noqa: E402
 from nemo_quant.quantization.modules import quantizers  # noqa: E402
 
